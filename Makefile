@@ -1,0 +1,28 @@
+# One command each: `make train` (main job) and `make test` (the suite). Both create .venv when missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    ?= ../shared/data
+RUN     ?= runs/multitask-sum
+PRESET  ?= cpu-sum
+
+.PHONY: venv train test bench clean
+
+$(BIN)/bert-jax: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel of torch first (from local disk here), so nothing can pull a CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[torch,test]"
+	touch $@
+
+venv: $(BIN)/bert-jax
+
+train: venv
+	$(BIN)/bert-jax train --data-dir $(DATA) --out $(RUN) --config $(PRESET)
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
