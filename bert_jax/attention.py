@@ -1,0 +1,42 @@
+"""Multi-head self-attention with a key padding mask.
+
+Shapes: q, k, v are [batch, seq, heads, head_dim]; `key_mask` is [batch, seq] (1 = real token).
+
+Deterministic calls (and any call with attention dropout 0) go through
+`jax.nn.dot_product_attention` (XLA or cuDNN flash attention). That function has no dropout, so when
+attention dropout is active (training with `attention_probs_dropout_prob > 0`) the same softmax is
+written out explicitly with dropout on the probabilities, exactly as BERT does. The fast cuDNN path
+therefore requires `attention_probs_dropout_prob == 0` during training: the trainer sets it to 0 when
+`attention_impl="cudnn"` (hidden dropout stays on), and says so in its resolved config.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention over unpadded keys. Returns [batch, seq, heads, head_dim]."""
+    mask = key_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1(query), seq(key)]
+    if dropout_rng is None or dropout_rate == 0.0:
+        impl = None if implementation == "xla" else implementation
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    if implementation == "cudnn":
+        raise ValueError("cuDNN attention has no dropout: set attention_probs_dropout_prob=0 for this path")
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

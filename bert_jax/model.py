@@ -1,0 +1,156 @@
+"""A functional minBERT in Flax linen.
+
+Parameters are a plain nested dict (no framework state); `encode` is a pure function of
+(params, config, inputs, dropout_rng). Submodule names follow Hugging Face's `BertModel` so that
+`convert.py` is a mechanical rename + transpose.
+
+Param tree (H = hidden, I = intermediate, L = layers):
+    embeddings/{word_embeddings, position_embeddings, token_type_embeddings}/embedding  [rows, H]
+    embeddings/LayerNorm/{scale, bias}                                                  [H]
+    encoder/layer_{l}/{query, key, value, attention_output}/{kernel [H, H], bias [H]}
+    encoder/layer_{l}/intermediate/{kernel [H, I], bias [I]}, output/{kernel [I, H], bias [H]}
+    encoder/layer_{l}/{attention_LayerNorm, output_LayerNorm}/{scale, bias}
+    pooler/dense/{kernel [H, H], bias [H]}
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.attention import self_attention
+from bert_jax.config import BertConfig
+
+Params = dict[str, Any]
+
+
+class BertOutput(NamedTuple):
+    last_hidden_state: jax.Array  # [batch, seq, hidden]
+    pooler_output: jax.Array  # [batch, hidden]
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return jax.nn.relu
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+    init = nn.initializers.normal(0.02)
+    return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool) -> jax.Array:
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=jnp.float32, embedding_init=init, name=name)
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (
+            embed(c.vocab_size, "word_embeddings")(input_ids)
+            + embed(c.max_position_embeddings, "position_embeddings")(positions)
+            + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        x = _layer_norm(c, "LayerNorm")(x.astype(c.compute_dtype))
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer: self-attention, add & norm, feed-forward, add & norm."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+        c = self.config
+        b, t, _ = x.shape
+        heads = lambda y: y.reshape(b, t, c.num_attention_heads, c.head_dim)
+        q = heads(_dense(c, c.hidden_size, "query")(x))
+        k = heads(_dense(c, c.hidden_size, "key")(x))
+        v = heads(_dense(c, c.hidden_size, "value")(x))
+        attn_rng = None
+        if not deterministic and c.attention_probs_dropout_prob > 0:
+            attn_rng = self.make_rng("dropout")
+        ctx = self_attention(
+            q, k, v, key_mask,
+            dropout_rate=c.attention_probs_dropout_prob, dropout_rng=attn_rng, implementation=c.attention_impl,
+        ).reshape(b, t, c.hidden_size)
+        h = _dense(c, c.hidden_size, "attention_output")(ctx)
+        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        x = _layer_norm(c, "attention_LayerNorm")(h + x)
+        h = _activation(c.hidden_act)(_dense(c, c.intermediate_size, "intermediate")(x))
+        h = _dense(c, c.hidden_size, "output")(h)
+        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        return _layer_norm(c, "output_LayerNorm")(h + x)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
+        for i in range(self.config.num_hidden_layers):
+            x = layer_cls(self.config, name=f"layer_{i}")(x, key_mask, deterministic)
+        return x
+
+
+class BertModule(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array, deterministic: bool
+    ) -> BertOutput:
+        c = self.config
+        x = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic)
+        x = BertEncoder(c, name="encoder")(x, attention_mask, deterministic)
+        pooled = jnp.tanh(PoolerDense(c, name="pooler")(x[:, 0]))
+        return BertOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+class PoolerDense(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, cls_token: jax.Array) -> jax.Array:
+        return _dense(self.config, self.config.hidden_size, "dense")(cls_token)
+
+
+def encode(
+    params: Params,
+    config: BertConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    token_type_ids: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> BertOutput:
+    """Run BERT. input_ids, attention_mask, token_type_ids: [batch, seq] ints.
+
+    `dropout_rng=None` is deterministic (eval); with a key, hidden and attention dropout are active.
+    Returns `BertOutput(last_hidden_state [batch, seq, hidden], pooler_output [batch, hidden])`.
+    """
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return BertModule(config).apply(
+        {"params": params}, input_ids, attention_mask, token_type_ids, dropout_rng is None, rngs=rngs
+    )
+
+
+def init_params(config: BertConfig, rng: jax.Array) -> Params:
+    """Randomly initialised parameters (normal(0.02) weights, zero biases, unit LayerNorm scales)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return BertModule(config).init(rng, ids, jnp.ones_like(ids), ids, True)["params"]
