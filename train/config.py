@@ -1,0 +1,136 @@
+"""Training configuration: a frozen dataclass, named presets, YAML files and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.heads import HeadConfig
+
+TASKS = ("sst", "para", "sts", "cfimdb")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on (written to RUN/config.yaml). Defaults are the report's (§5.3)."""
+
+    checkpoint: str = "embedded"  # "embedded" or a local HF BERT directory
+    tasks: tuple[str, ...] = ("sst", "para", "sts")  # tasks whose losses are trained (round robin)
+    combine: str = "sum"  # "sum" | "mean" | "pcgrad"
+    pcgrad_reduction: str = "sum"  # shared update = sum (or mean) of the projected task gradients
+    finetune: bool = True  # False = the report's "pretrain": encoder frozen, heads trained
+    heads: HeadConfig = HeadConfig()
+    # optimizer (CS224N AdamW: betas 0.9/0.999, eps 1e-6)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" | "linear"
+    grad_clip: float | None = None
+    # schedule of data
+    batch_size: int = 8
+    eval_batch_size: int = 64
+    epochs: int = 10
+    epoch_policy: str | int = "max"  # steps per epoch: "max" / "min" over task sizes, or an int
+    max_steps: int | None = None  # stop after this many steps in total (CLI --steps)
+    train_limit: int | None = None  # use only the first N shuffled training examples per task
+    dev_limit: int | None = None  # evaluate on the first N dev examples per task (None = all)
+    max_len: int = 128
+    buckets: tuple[int, ...] = (16, 32, 64, 128)
+    # model
+    hidden_dropout: float = 0.3
+    attention_dropout: float | None = None  # None: the checkpoint's value
+    dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat: bool = False
+    seed: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("sum", "mean", "pcgrad"):
+            raise ValueError(f"combine must be sum, mean or pcgrad, got {self.combine!r}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        missing = [t for t in self.tasks if t not in self.heads.heads]
+        if missing:
+            object.__setattr__(self, "heads", dataclasses.replace(self.heads, heads=self.heads.heads + tuple(missing)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"], d["buckets"] = list(self.tasks), list(self.buckets)
+        d["heads"]["heads"] = list(self.heads.heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "heads" in d and isinstance(d["heads"], dict):
+            h = dict(d["heads"])
+            if "heads" in h:
+                h["heads"] = tuple(h["heads"])
+            d["heads"] = HeadConfig(**h)
+        for k in ("tasks", "buckets"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# Presets. "report" = the paper's settings (meant for a GPU). The cpu-* presets keep the report's
+# hyper-parameters (batch 8, dropout 0.3, AdamW) but fewer, shorter epochs and a higher lr, sized to
+# finish in well under 40 minutes on 2 CPU cores with the embedded all-MiniLM-L6-v2.
+_CPU = dict(epochs=3, epoch_policy=600, lr=5e-5, max_len=64, buckets=(16, 32, 64), eval_batch_size=128)
+PRESETS: dict[str, dict[str, Any]] = {
+    "report": {},
+    "report-pcgrad": {"combine": "pcgrad", "batch_size": 4},
+    "cpu-sum": dict(_CPU),
+    "cpu-mean": dict(_CPU, combine="mean"),
+    "cpu-pcgrad": dict(_CPU, combine="pcgrad"),
+    "cpu-cosine": dict(_CPU, heads={"para_head": "cosine", "sts_head": "cosine"}),
+    "tiny": dict(epochs=1, epoch_policy=4, batch_size=4, max_len=32, buckets=(16, 32), train_limit=64, dev_limit=32),
+}
+
+
+def _coerce(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` (YAML-typed; `heads.sts_head=cosine` for nested) overrides to a config dict."""
+    d = {**d, "heads": dict(d.get("heads", {}))}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if key.startswith("heads."):
+            d["heads"][key[len("heads."):]] = _coerce(value)
+        else:
+            d[key] = _coerce(value)
+    return d
+
+
+def resolve_config(preset_or_yaml: str | None, overrides: list[str] = (), **explicit: Any) -> TrainConfig:
+    """Preset name or YAML path, then `key=value` overrides, then explicit (CLI flag) values."""
+    base: dict[str, Any] = {}
+    if preset_or_yaml:
+        if preset_or_yaml in PRESETS:
+            base = dict(PRESETS[preset_or_yaml])
+        else:
+            path = Path(preset_or_yaml)
+            if not path.is_file():
+                raise ValueError(f"--config {preset_or_yaml!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+            base = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(base, dict):
+                raise ValueError(f"{path}: expected a mapping of config keys")
+    d = apply_overrides(TrainConfig().to_dict() | base, list(overrides))
+    d.update({k: v for k, v in explicit.items() if v is not None})
+    return TrainConfig.from_dict(d)

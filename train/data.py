@@ -1,0 +1,589 @@
+"""Data for the multitask minBERT: loading, tokenizing, bucketed batching and the round-robin sampler.
+
+Files are the tab-separated CS224N "multitask minBERT" default-project files (``ids-sst-*.csv``,
+``ids-cfimdb-*.csv``, ``quora-*.csv``, ``sts-*.csv``). Every file has a header row; columns are found
+by header *name* (``id``, ``sentence`` / ``sentence1`` + ``sentence2``, and the label column
+``sentiment`` / ``is_duplicate`` / ``similarity``), never by position, so unnamed leading index
+columns (one in most files, two in this copy of ``ids-sst-test-student.csv``) are ignored.
+
+Parsing is strict per record and tolerant per file: a malformed record (wrong field count, empty
+id or sentence, non-numeric or out-of-range label, invalid UTF-8 or NUL bytes, broken quoting) is
+skipped and recorded as a :class:`BadRow` with its 1-based physical line number; it never crashes
+the load and is never dropped silently (see :func:`summarize_skipped`). Quoting follows Python's
+``csv`` module defaults (``"`` quotes a field that *starts* with it, ``""`` inside is a literal
+quote), so well-formed files parse exactly as the upstream ``csv.DictReader`` loader parses them.
+A quoted field may span physical lines; a line that on its own parses into a complete record always
+starts a new record, so one unterminated quote cannot swallow the good rows after it.
+
+Epoch definition (:func:`epoch_plan`): one epoch is a fixed number of *steps*; every step trains
+one batch of **every** task (round robin). With ``policy="max"`` an epoch has
+``ceil(max_t size_t / batch_size)`` steps, so the largest task is seen once and smaller tasks are
+cycled, each cycle a fresh shuffle; ``policy="min"`` gives ``ceil(min_t size_t / batch_size)``
+steps (larger tasks see a random part of their data per epoch); an ``int`` policy is that many
+steps. Within a task, examples are drawn from a stream of permutations: cycle ``c`` of task ``t``
+in epoch ``e`` is ``np.random.default_rng((seed, e, task_index(t), c)).permutation(size_t)``, and
+a batch that crosses a cycle boundary is completed from the next cycle. The plan is a pure
+function of ``(sizes, batch_size, seed, epoch, policy)``, so resuming at ``(epoch, step)`` replays
+``plan[task][step:]`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASK_FILES: dict[str, str] = {
+    "sst": "ids-sst-{split}.csv",
+    "cfimdb": "ids-cfimdb-{split}.csv",
+    "para": "quora-{split}.csv",
+    "sts": "sts-{split}.csv",
+}
+PAIR_TASKS: tuple[str, ...] = ("para", "sts")
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+DEFAULT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+ENV_VAR = "BERT_JAX_DATA"
+
+# label column name, numpy dtype, inclusive range, integer-valued?
+_LABELS: dict[str, tuple[str, type, float, float, bool]] = {
+    "sst": ("sentiment", np.int32, 0, 4, True),
+    "cfimdb": ("sentiment", np.int32, 0, 1, True),
+    "para": ("is_duplicate", np.float32, 0, 1, True),
+    "sts": ("similarity", np.float32, 0.0, 5.0, False),
+}
+# A quoted field may continue over at most this many further physical lines.
+_MAX_CONTINUATION_LINES = 32
+_GET_DATA_HINT = (
+    "Get the CS224N multitask minBERT default-project data files (ids-sst-*.csv, ids-cfimdb-*.csv, "
+    "quora-*.csv, sts-*.csv) and pass --data-dir DIR or set BERT_JAX_DATA=DIR."
+)
+
+
+class DataError(ValueError):
+    """A user-facing data problem (missing directory, file or column); the message names file and column."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A skipped malformed record: ``line`` is its 1-based physical line number in ``path`` (header = line 1)."""
+
+    path: str
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class TaskData:
+    """One split of one task, N examples (N = ``len(self)``).
+
+    ``ids``, ``sentences1``: N strings (whitespace-stripped, otherwise raw; lower-casing is the
+    tokenizer's job). ``sentences2``: N strings for pair tasks, else None. ``labels``: ``[N]`` int32
+    (sst 0..4, cfimdb 0/1) or float32 (para 0/1, sts 0..5), None when the file has no label column.
+    ``skipped``: the malformed records that were left out.
+    """
+
+    task: str
+    split: str
+    path: str
+    ids: tuple[str, ...]
+    sentences1: tuple[str, ...]
+    sentences2: tuple[str, ...] | None
+    labels: np.ndarray | None
+    skipped: tuple[BadRow, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """A tokenized :class:`TaskData` of N examples, ragged.
+
+    ``tokens1`` / ``tokens2``: N int32 arrays of token ids ``[n_i]`` including ``[CLS]`` and
+    ``[SEP]``, ``n_i <= max_len`` (``tokens2`` None for single-sentence tasks). ``labels``: ``[N]``,
+    int32 (sst, cfimdb) or float32 (para, sts); zeros of that dtype when ``has_labels`` is False.
+    """
+
+    task: str
+    ids: tuple[str, ...]
+    tokens1: tuple[np.ndarray, ...]
+    tokens2: tuple[np.ndarray, ...] | None
+    labels: np.ndarray
+    has_labels: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def _check_task_split(task: str, split: str) -> None:
+    if task not in TASK_FILES:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_FILES)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+
+
+def task_filename(task: str, split: str) -> str:
+    """File name of ``task``/``split``; split "test" maps to the ``-test-student`` files."""
+    _check_task_split(task, split)
+    return TASK_FILES[task].format(split="test-student" if split == "test" else split)
+
+
+def _expected_filenames() -> list[str]:
+    return [task_filename(t, s) for t in TASK_FILES for s in SPLITS]
+
+
+def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
+    """The data directory: ``arg`` (``--data-dir``), else ``$BERT_JAX_DATA``, else ``./data``.
+
+    Raises :class:`DataError` when the chosen directory does not exist or holds none of the
+    expected csv files; the message says where it looked and how to get the data. Individual
+    missing files are reported later by :func:`load_task`.
+    """
+    if arg is not None and str(arg) != "":
+        path, source = Path(arg), "from --data-dir"
+    elif os.environ.get(ENV_VAR):
+        path, source = Path(os.environ[ENV_VAR]), f"from ${ENV_VAR}"
+    else:
+        path, source = Path("data"), f"the default ./data (no --data-dir given, ${ENV_VAR} not set)"
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} ({source}) does not exist. {_GET_DATA_HINT}")
+    expected = _expected_filenames()
+    if not any((path / name).is_file() for name in expected):
+        raise DataError(
+            f"data directory {path} ({source}) contains none of the expected csv files "
+            f"({', '.join(expected[:3])}, ...). {_GET_DATA_HINT}"
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def _split_record(text: str) -> tuple[str, list[str] | str | None]:
+    """Split one tab-separated record with csv-style quoting.
+
+    Returns ``("ok", fields)``, ``("open", None)`` when a quoted field is still open at the end of
+    ``text`` (it may continue on the next physical line), or ``("bad", reason)``.
+    """
+    fields: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        if i < n and text[i] == '"':
+            parts: list[str] = []
+            j = i + 1
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    return "open", None
+                parts.append(text[j:k])
+                if k + 1 < n and text[k + 1] == '"':
+                    parts.append('"')
+                    j = k + 2
+                    continue
+                j = k + 1
+                break
+            fields.append("".join(parts))
+            if j == n:
+                return "ok", fields
+            if text[j] != "\t":
+                return "bad", (
+                    f"broken quoting: unexpected {text[j]!r} after the closing quote of field {len(fields)}"
+                )
+            i = j + 1
+        else:
+            k = text.find("\t", i)
+            if k < 0:
+                fields.append(text[i:])
+                return "ok", fields
+            fields.append(text[i:k])
+            i = k + 1
+
+
+def _decode_lines(raw: bytes) -> list[tuple[str | None, str | None]]:
+    """Physical lines of ``raw`` as ``(text, error)`` pairs; a final empty line after the last newline is dropped."""
+    chunks = raw.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()
+    out: list[tuple[str | None, str | None]] = []
+    for chunk in chunks:
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = chunk[err.start : err.start + 4]
+            out.append((None, f"invalid UTF-8 bytes {bad!r} at byte {err.start} of the line"))
+            continue
+        if "\x00" in text:
+            out.append((None, f"stray NUL byte at character {text.index(chr(0))} of the line"))
+            continue
+        out.append((text.replace("\r", " "), None))
+    if out and out[0][0] is not None and out[0][0].startswith("\ufeff"):
+        out[0] = (out[0][0][1:], None)  # UTF-8 byte-order mark
+    return out
+
+
+def _records(
+    lines: list[tuple[str | None, str | None]], n_fields: int
+) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """Records after the header: ``(line_no, fields, None)`` or ``(line_no, None, reason)``.
+
+    A record with a quoted field open at the end of its first line is joined with the following
+    lines, but never with a line that is a complete record on its own.
+    """
+
+    def standalone_ok(idx: int) -> bool:
+        text, err = lines[idx]
+        if err is not None or text is None:
+            return False
+        status, fields = _split_record(text)
+        return status == "ok" and len(fields) == n_fields  # type: ignore[arg-type]
+
+    i = 1
+    while i < len(lines):
+        line_no = i + 1
+        text, err = lines[i]
+        if err is not None or text is None:
+            yield line_no, None, err
+            i += 1
+            continue
+        if text.strip() == "":
+            yield line_no, None, "empty line"
+            i += 1
+            continue
+        status, result = _split_record(text)
+        consumed = 1
+        if status == "open":
+            joined = text
+            for j in range(i + 1, min(len(lines), i + 1 + _MAX_CONTINUATION_LINES)):
+                nxt, nerr = lines[j]
+                if nerr is not None or nxt is None or standalone_ok(j):
+                    break
+                joined = joined + "\n" + nxt
+                status, result = _split_record(joined)
+                if status != "open":
+                    consumed = j - i + 1
+                    break
+            if status != "ok":
+                status, result = "bad", "broken quoting: a quoted field is never closed"
+                consumed = 1
+        if status == "bad":
+            yield line_no, None, str(result)
+        else:
+            fields = result
+            assert isinstance(fields, list)
+            if len(fields) != n_fields:
+                hint = " (check tabs and quotes)" if '"' in text else ""
+                yield line_no, None, f"expected {n_fields} tab-separated fields, found {len(fields)}{hint}"
+            else:
+                yield line_no, fields, None
+        i += consumed
+
+
+def _parse_label(raw: str, task: str) -> tuple[float | None, str | None]:
+    column, _, lo, hi, integral = _LABELS[task]
+    s = raw.strip()
+    if s == "":
+        return None, f"label column {column!r} is empty"
+    try:
+        value = float(s)
+    except ValueError:
+        return None, f"label {s[:40]!r} in column {column!r} is not a number"
+    if not math.isfinite(value) or not lo <= value <= hi or (integral and value != int(value)):
+        kind = "an integer" if integral else "a number"
+        return None, f"label {s[:40]!r} in column {column!r} is not {kind} in {lo:g}..{hi:g}"
+    return value, None
+
+
+def _find_column(header: list[str], name: str, path: str) -> int | None:
+    hits = [k for k, h in enumerate(header) if h.strip() == name]
+    if len(hits) > 1:
+        raise DataError(f"{path}: column {name!r} appears {len(hits)} times in the header")
+    return hits[0] if hits else None
+
+
+def load_task(
+    data_dir: str | os.PathLike | None, task: str, split: str, path: str | os.PathLike | None = None
+) -> TaskData:
+    """Load one split of one task; malformed records are skipped and recorded, never fatal.
+
+    ``path`` overrides the file (e.g. ``predict --task T --input FILE``); otherwise the file is
+    ``data_dir / task_filename(task, split)`` (``data_dir`` None -> :func:`resolve_data_dir`).
+    The label column is required for split "train", and for split "dev" when no ``path`` is
+    given; elsewhere it is optional (``labels`` None when absent). Raises :class:`DataError` for
+    a missing/empty file or a missing required column (the message names file and column).
+    """
+    _check_task_split(task, split)
+    if path is None:
+        base = resolve_data_dir(None) if data_dir is None else Path(data_dir)
+        file = base / task_filename(task, split)
+    else:
+        file = Path(path)
+    spath = str(file)
+    if not file.is_file():
+        raise DataError(
+            f"{file.name}: file not found (looked for {file}). "
+            + (_GET_DATA_HINT if path is None else "Check the --input path.")
+        )
+    lines = _decode_lines(file.read_bytes())
+    if not lines:
+        raise DataError(f"{spath}: file is empty (expected a header row)")
+    header_text, header_err = lines[0]
+    if header_err is not None or header_text is None:
+        raise DataError(f"{spath}: cannot read the header row: {header_err}")
+    status, header = _split_record(header_text)
+    if status != "ok":
+        raise DataError(f"{spath}: cannot parse the header row (broken quoting)")
+    assert isinstance(header, list)
+
+    pair = task in PAIR_TASKS
+    text_cols = ("sentence1", "sentence2") if pair else ("sentence",)
+    label_col = _LABELS[task][0]
+    cols: dict[str, int] = {}
+    for name in ("id", *text_cols):
+        k = _find_column(header, name, spath)
+        if k is None:
+            raise DataError(f"{spath}: required column {name!r} not found in the header (columns: {header})")
+        cols[name] = k
+    label_k = _find_column(header, label_col, spath)
+    if label_k is None and (split == "train" or (split == "dev" and path is None)):
+        raise DataError(
+            f"{spath}: required label column {label_col!r} not found in the header (columns: {header})"
+        )
+
+    ids: list[str] = []
+    s1: list[str] = []
+    s2: list[str] = []
+    labels: list[float] = []
+    skipped: list[BadRow] = []
+    for line_no, fields, reason in _records(lines, len(header)):
+        if fields is None:
+            skipped.append(BadRow(spath, line_no, reason or "malformed row"))
+            continue
+        ex_id = fields[cols["id"]].strip()
+        texts = [fields[cols[c]].strip() for c in text_cols]
+        reason = None
+        if ex_id == "":
+            reason = "empty 'id'"
+        else:
+            for c, t in zip(text_cols, texts):
+                if t == "":
+                    reason = f"empty sentence in column {c!r}"
+                    break
+        value = None
+        if reason is None and label_k is not None:
+            value, reason = _parse_label(fields[label_k], task)
+            if reason is not None and '"' in lines[line_no - 1][0]:  # type: ignore[operator]
+                reason += " (a quoted field may have swallowed it)"
+        if reason is not None:
+            skipped.append(BadRow(spath, line_no, reason))
+            continue
+        ids.append(ex_id)
+        s1.append(texts[0])
+        if pair:
+            s2.append(texts[1])
+        if value is not None:
+            labels.append(value)
+
+    label_arr = None if label_k is None else np.asarray(labels, dtype=_LABELS[task][1])
+    return TaskData(
+        task=task,
+        split=split,
+        path=spath,
+        ids=tuple(ids),
+        sentences1=tuple(s1),
+        sentences2=tuple(s2) if pair else None,
+        labels=label_arr,
+        skipped=tuple(skipped),
+    )
+
+
+def summarize_skipped(datas: Iterable[TaskData], max_examples: int = 3) -> str:
+    """One line per file with skipped rows, e.g.
+    ``quora-dev.csv: 1 malformed row skipped (line 509: label column 'is_duplicate' is empty ...)``.
+
+    Returns "" when nothing was skipped.
+    """
+    out = []
+    for d in datas:
+        if not d.skipped:
+            continue
+        n = len(d.skipped)
+        shown = "; ".join(f"line {b.line}: {b.reason}" for b in d.skipped[:max_examples])
+        more = f"; ... and {n - max_examples} more" if n > max_examples else ""
+        out.append(f"{Path(d.path).name}: {n} malformed row{'s' if n != 1 else ''} skipped ({shown}{more})")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
+
+
+def _tokenize(tokenizer: Any, sentences: Sequence[str], max_len: int, chunk: int = 8192) -> tuple[np.ndarray, ...]:
+    out: list[np.ndarray] = []
+    for start in range(0, len(sentences), chunk):
+        enc = tokenizer(
+            list(sentences[start : start + chunk]),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_len,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+    return tuple(out)
+
+
+def encode_task(data: TaskData, tokenizer: Any, max_len: int = 128) -> Encoded:
+    """Tokenize every sentence once, separately (pairs Siamese style), truncated to ``max_len`` tokens.
+
+    Returns ragged token arrays ``[n_i]`` int32 (with ``[CLS]``/``[SEP]``, ``n_i <= max_len``).
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
+    dtype = _LABELS[data.task][1]
+    has_labels = data.labels is not None
+    labels = np.asarray(data.labels, dtype=dtype) if has_labels else np.zeros(len(data), dtype=dtype)
+    return Encoded(
+        task=data.task,
+        ids=data.ids,
+        tokens1=_tokenize(tokenizer, data.sentences1, max_len),
+        tokens2=None if data.sentences2 is None else _tokenize(tokenizer, data.sentences2, max_len),
+        labels=labels,
+        has_labels=has_labels,
+    )
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= ``n``; the largest bucket when ``n`` exceeds them all."""
+    bs = sorted(buckets)
+    if not bs:
+        raise ValueError("buckets must be non-empty")
+    for b in bs:
+        if b >= n:
+            return int(b)
+    return int(bs[-1])
+
+
+def _pad(seqs: Sequence[np.ndarray], batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((batch_size, length), dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    for r, s in enumerate(seqs):
+        if len(s) > length:  # longer than the largest bucket: keep the final [SEP]
+            s = np.concatenate([s[: length - 1], s[-1:]])
+        ids[r, : len(s)] = s
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
+def make_batch(
+    enc: Encoded, index: np.ndarray, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS
+) -> dict[str, np.ndarray]:
+    """A fixed-shape batch of the examples ``index`` (``len(index) <= batch_size``); pad id 0.
+
+    ``B = batch_size``; ``L = bucket_length(longest sequence in the batch)`` (both sentences for
+    pairs). Single-sentence task: ``input_ids``, ``attention_mask`` int32 ``[B, L]``. Pair task:
+    ``input_ids_1``, ``attention_mask_1``, ``input_ids_2``, ``attention_mask_2`` int32 ``[B, L]``.
+    Both: ``labels`` ``[B]`` (int32 for sst/cfimdb, float32 for para/sts) and ``valid`` float32
+    ``[B]``, 1 for real rows and 0 for the padding rows past ``len(index)``. Sequences longer than
+    the largest bucket are cut to it, keeping their final ``[SEP]``.
+    """
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    if len(index) > batch_size:
+        raise ValueError(f"{len(index)} indices do not fit a batch of {batch_size}")
+    seqs1 = [enc.tokens1[i] for i in index]
+    seqs2 = [enc.tokens2[i] for i in index] if enc.tokens2 is not None else []
+    longest = max((len(s) for s in seqs1 + seqs2), default=0)
+    length = bucket_length(longest, buckets)
+    labels = np.zeros((batch_size,), dtype=enc.labels.dtype)
+    labels[: len(index)] = enc.labels[index]
+    valid = np.zeros((batch_size,), dtype=np.float32)
+    valid[: len(index)] = 1.0
+    if enc.tokens2 is None:
+        ids, mask = _pad(seqs1, batch_size, length)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": valid}
+    ids1, mask1 = _pad(seqs1, batch_size, length)
+    ids2, mask2 = _pad(seqs2, batch_size, length)
+    return {
+        "input_ids_1": ids1,
+        "attention_mask_1": mask1,
+        "input_ids_2": ids2,
+        "attention_mask_2": mask2,
+        "labels": labels.astype(np.float32),
+        "valid": valid,
+    }
+
+
+def eval_batches(
+    enc: Encoded, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in file order (no shuffle): batch i covers examples ``[i*B, (i+1)*B)``; the last is padded (valid=0)."""
+    n = len(enc.tokens1)
+    for start in range(0, n, batch_size):
+        yield make_batch(enc, np.arange(start, min(start + batch_size, n)), batch_size, buckets)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+def _task_index(task: str) -> int:
+    """Stable per-task seed component: position in TASK_FILES, else a CRC32 of the name."""
+    names = list(TASK_FILES)
+    if task in names:
+        return names.index(task)
+    return len(names) + zlib.crc32(task.encode("utf-8"))
+
+
+def epoch_steps(sizes: Mapping[str, int], batch_size: int, policy: str | int = "max") -> int:
+    """Number of round-robin steps in one epoch (see the module docstring)."""
+    if not sizes:
+        raise ValueError("sizes is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for task, n in sizes.items():
+        if n < 1:
+            raise ValueError(f"task {task!r} has no examples")
+    if isinstance(policy, (int, np.integer)) and not isinstance(policy, bool):
+        if policy < 1:
+            raise ValueError(f"steps per epoch must be >= 1, got {policy}")
+        return int(policy)
+    if policy == "max":
+        return math.ceil(max(sizes.values()) / batch_size)
+    if policy == "min":
+        return math.ceil(min(sizes.values()) / batch_size)
+    raise ValueError(f"policy must be 'max', 'min' or a positive int, got {policy!r}")
+
+
+def epoch_plan(
+    sizes: Mapping[str, int], batch_size: int, seed: int, epoch: int, policy: str | int = "max"
+) -> dict[str, np.ndarray]:
+    """Round-robin plan of one epoch: task -> int64 ``[steps, batch_size]`` example indices.
+
+    Step ``s`` trains batch ``plan[task][s]`` of every task. Each task's indices are consecutive
+    reshuffles (cycles) of ``range(size)``, cycle ``c`` drawn from
+    ``np.random.default_rng((seed, epoch, task_index, c))``; a batch crossing a cycle boundary is
+    completed from the next cycle, so every batch is full. Deterministic in all arguments.
+    """
+    steps = epoch_steps(sizes, batch_size, policy)
+    need = steps * batch_size
+    plan: dict[str, np.ndarray] = {}
+    for task, n in sizes.items():
+        t_idx = _task_index(task)
+        cycles = []
+        for c in range(math.ceil(need / n)):
+            cycles.append(np.random.default_rng((seed, epoch, t_idx, c)).permutation(n))
+        plan[task] = np.concatenate(cycles)[:need].reshape(steps, batch_size)
+    return plan

@@ -1,0 +1,35 @@
+"""Per-task losses over padded batches: rows with `valid == 0` contribute nothing.
+
+All return a scalar mean over the valid rows of a [batch] / [batch, classes] score array.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _masked_mean(per_row: jax.Array, valid: jax.Array) -> jax.Array:
+    return (per_row * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Softmax cross-entropy; logits [batch, classes], integer labels [batch]."""
+    return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32)), valid)
+
+
+def binary_cross_entropy(logit: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sigmoid BCE on logits [batch] with 0/1 labels [batch] (torch's BCEWithLogitsLoss)."""
+    return _masked_mean(optax.sigmoid_binary_cross_entropy(logit.astype(jnp.float32), labels.astype(jnp.float32)), valid)
+
+
+def mean_squared_error(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    return _masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), valid)
+
+
+LOSSES = {"sst": cross_entropy, "cfimdb": cross_entropy, "para": binary_cross_entropy, "sts": mean_squared_error}
+
+
+def task_loss(task: str, scores: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    return LOSSES[task](scores, batch["labels"], batch["valid"])

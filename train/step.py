@@ -1,0 +1,130 @@
+"""The multitask model (shared BERT + heads), the jitted train step, and the jitted eval call.
+
+Params are `{"bert": encoder tree, "heads": {task: head tree}}`. One step consumes one batch of every
+active task (round robin) and combines the task losses by `sum`, `mean` or PCGrad — the latter as
+per-task `jax.grad` plus the projection of the shared (encoder) gradients, inside the same jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import bert_jax
+from bert_jax import BertConfig, Params
+from train import pcgrad
+from train.config import TrainConfig
+from train.heads import HeadConfig, init_heads, task_scores
+from train.losses import task_loss
+from train.optim import OptimConfig, make_optimizer
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The static (hashable) description of a multitask model."""
+
+    bert: BertConfig
+    heads: HeadConfig
+
+
+class TrainState(NamedTuple):
+    params: Params
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar
+
+
+def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
+    overrides: dict[str, Any] = dict(hidden_dropout_prob=cfg.hidden_dropout, dtype=cfg.dtype,
+                                     attention_impl=cfg.attention_impl, remat=cfg.remat)
+    if cfg.attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
+    if cfg.attention_impl == "cudnn":  # cuDNN attention has no dropout (see bert_jax/attention.py)
+        overrides["attention_probs_dropout_prob"] = 0.0
+    return ModelSpec(bert=bert.replace(**overrides), heads=cfg.heads)
+
+
+def init_model(cfg: TrainConfig, rng: jax.Array) -> tuple[ModelSpec, Params]:
+    """Pretrained encoder from `cfg.checkpoint` + freshly initialised heads."""
+    bert, bert_params = bert_jax.load_pretrained(cfg.checkpoint)
+    spec = model_spec(cfg, bert)
+    return spec, {"bert": bert_params, "heads": init_heads(spec.heads, bert.hidden_size, rng)}
+
+
+def optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.GradientTransformation:
+    oc = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.schedule, grad_clip=cfg.grad_clip)
+    mask = None if cfg.finetune else (lambda params: {"bert": jax.tree.map(lambda _: False, params["bert"]),
+                                                      "heads": jax.tree.map(lambda _: True, params["heads"])})
+    return make_optimizer(oc, mask)
+
+
+def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.Array | None) -> jax.Array:
+    return task_loss(task, task_scores(params, spec.bert, spec.heads, task, batch, rng), batch)
+
+
+def make_train_step(
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    tasks: tuple[str, ...],
+    combine: str = "sum",
+    pcgrad_reduction: str = "sum",
+    finetune: bool = True,
+) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted `step(state, batches, rng) -> (state, metrics)`; `state` is donated.
+
+    `batches` maps every task in `tasks` to one batch. `metrics` holds each task's loss and `loss`
+    (the sum of the task losses), plus `grad_norm` of the applied gradient.
+    """
+
+    def frozen(params: Params) -> Params:
+        return params if finetune else {"bert": jax.lax.stop_gradient(params["bert"]), "heads": params["heads"]}
+
+    def one_task(params, task, batch, rng):
+        return loss_fn(frozen(params), spec, task, batch, rng)
+
+    def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        keys = {t: jax.random.fold_in(rng, i) for i, t in enumerate(tasks)}
+        if combine in ("sum", "mean"):
+            def total(params):
+                losses = {t: one_task(params, t, batches[t], keys[t]) for t in tasks}
+                s = sum(losses.values())
+                return (s / len(tasks) if combine == "mean" else s), losses
+
+            (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+        else:  # pcgrad
+            losses, task_grads = {}, []
+            for t in tasks:
+                losses[t], g = jax.value_and_grad(one_task)(state.params, t, batches[t], keys[t])
+                task_grads.append(g)
+            shared = pcgrad.combine([g["bert"] for g in task_grads], jax.random.fold_in(rng, 1_000_003), pcgrad_reduction)
+            # each head only appears in its own task's loss, so the sum over tasks is that task's gradient
+            heads = jax.tree.map(lambda *xs: sum(xs), *[g["heads"] for g in task_grads])
+            grads = {"bert": shared, "heads": heads}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.global_norm(grads)}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_fn(spec: ModelSpec) -> Callable[[Params, str, Batch], jax.Array]:
+    """A jitted deterministic `scores(params, task, batch)` (task is static)."""
+
+    @partial(jax.jit, static_argnums=(1,))
+    def scores(params: Params, task: str, batch: Batch) -> jax.Array:
+        return task_scores(params, spec.bert, spec.heads, task, batch, None)
+
+    return scores

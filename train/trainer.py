@@ -1,0 +1,190 @@
+"""The training driver: data -> jitted steps -> dev evaluation -> checkpoints.
+
+Side effects are limited to the run directory (through `train.checkpoint`); printing and progress bars
+are the caller's, through the `log` callback which receives event dicts:
+  {"event": "start", "total_steps", "steps_per_epoch", "start_step", "skipped": str}
+  {"event": "step", "step", "epoch", "loss", "loss_<task>", "steps_per_s"}     (every `log_every` steps)
+  {"event": "eval", "step", "epoch", "<task>": metric, "overall", "best": bool}
+  {"event": "stopped", "reason", "step"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+import bert_jax
+from bert_jax import Params
+from train import data as D
+from train.checkpoint import Checkpointer, RunError, write_run_files
+from train.config import TrainConfig
+from train.metrics import summarize, task_metric
+from train.step import ModelSpec, TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer
+
+EVAL_TASKS = ("sst", "para", "sts")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class TaskSets:
+    train: dict[str, D.Encoded]
+    dev: dict[str, D.Encoded]
+    skipped: str
+
+
+def load_encoded(data_dir: Path, tasks: tuple[str, ...], split: str, tokenizer, max_len: int,
+                 limit: int | None = None) -> tuple[dict[str, D.Encoded], list[D.TaskData]]:
+    """Load + tokenize `split` of each task (first `limit` examples when given)."""
+    out, raw = {}, []
+    for t in tasks:
+        td = D.load_task(data_dir, t, split)
+        raw.append(td)
+        if limit is not None and len(td) > limit:
+            td = dataclasses.replace(td, ids=td.ids[:limit], sentences1=td.sentences1[:limit],
+                                     sentences2=None if td.sentences2 is None else td.sentences2[:limit],
+                                     labels=None if td.labels is None else td.labels[:limit])
+        out[t] = D.encode_task(td, tokenizer, max_len)
+    return out, raw
+
+
+def predict_scores(eval_fn, params: Params, enc: D.Encoded, batch_size: int, buckets) -> np.ndarray:
+    """Scores for every example of `enc`, in order: [N, 5] (sst), [N, 2] (cfimdb), [N] (para, sts)."""
+    outs = [eval_fn(params, enc.task, b) for b in D.eval_batches(enc, batch_size, buckets)]  # async dispatch
+    return np.concatenate([np.asarray(o) for o in outs])[: len(enc)]
+
+
+def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: int, buckets) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    scores = {t: predict_scores(eval_fn, params, e, batch_size, buckets) for t, e in encs.items()}
+    metrics = {t: task_metric(t, s, encs[t].labels) for t, s in scores.items() if encs[t].has_labels}
+    return summarize(metrics), scores
+
+
+def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The training examples of a task: all, or a seeded random `limit` of them."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng((seed, 7)).permutation(n)[:limit])
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path | None,
+    run_dir: str | Path,
+    resume: bool = False,
+    log: Callable[[dict[str, Any]], None] = lambda e: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    log_every: int = 20,
+    fault: Callable[[int, dict], dict] | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg`, writing `run_dir`. Returns the last dev metrics (plus `best_overall`, `step`).
+
+    `should_stop()` is polled every step: when it turns true the state is checkpointed and training
+    returns with `stopped=True` (used for SIGINT/SIGTERM). `fault(step, batches)` is a test hook that
+    may rewrite a step's batches (fault injection).
+    """
+    run = Path(run_dir)
+    data_dir = D.resolve_data_dir(data_dir)
+    if run.exists() and (run / "checkpoints").exists() and not resume:
+        raise RunError(f"{run}: run directory already has checkpoints (use --resume, or a new --out)")
+    tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
+    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len)
+    eval_tasks = tuple(dict.fromkeys(EVAL_TASKS + tuple(t for t in cfg.tasks if t == "cfimdb")))
+    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit)
+    skipped = D.summarize_skipped(raw_train + raw_dev)
+
+    base = jax.random.key(cfg.seed)
+    spec, params = init_model(cfg, jax.random.fold_in(base, 0))
+    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
+    sizes = {t: len(s) for t, s in subsets.items()}
+    steps_per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    tx = optimizer(cfg, total_steps=total)
+    state = init_state(params, tx)
+    write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
+    ckpt = Checkpointer(run, keep=cfg.keep_checkpoints)
+    position = {"epoch": 0, "step_in_epoch": 0, "best_overall": -math.inf}
+    if resume and ckpt.latest_step() is not None:
+        state, position = ckpt.restore_state(state)
+    start_step = int(state.step)
+
+    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune)
+    eval_fn = make_eval_fn(spec)
+    dropout_key = jax.random.fold_in(base, 1)
+    log({"event": "start", "total_steps": total, "steps_per_epoch": steps_per_epoch, "start_step": start_step,
+         "skipped": skipped, "train_sizes": sizes})
+
+    best = position["best_overall"]
+    metrics: dict[str, Any] = {}
+    pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
+    t_last, n_last = time.perf_counter(), start_step
+    global_step = start_step
+
+    def flush() -> None:
+        nonlocal t_last, n_last
+        if not pending:
+            return
+        host = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]
+        pending.clear()
+        for s, m in host:
+            if not all(math.isfinite(v) for k, v in m.items() if k.startswith("loss")):
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {s}: " + ", ".join(f"{k}={v}" for k, v in m.items() if k.startswith("loss"))
+                    + f"; training stopped, the last good checkpoint in {run / 'checkpoints'} is kept")
+        now = time.perf_counter()
+        s, m = host[-1]
+        log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m,
+             "steps_per_s": (s - n_last) / max(now - t_last, 1e-9)})
+        t_last, n_last = now, s
+
+    def do_eval(epoch: int) -> None:
+        nonlocal best, metrics
+        metrics, _ = evaluate(eval_fn, state.params, dev_sets, cfg.eval_batch_size, cfg.buckets)
+        is_best = metrics.get("overall", -math.inf) > best
+        if is_best:
+            best = metrics["overall"]
+            ckpt.save_best(global_step, state.params, metrics)
+        record = {"step": global_step, "epoch": epoch, **metrics, "best": is_best}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log({"event": "eval", **record})
+
+    stopped = None
+    try:
+        epoch, offset = divmod(start_step, steps_per_epoch)
+        while global_step < total and stopped is None:
+            plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy)
+            for s in range(offset, steps_per_epoch):
+                if global_step >= total:
+                    break
+                if should_stop():
+                    stopped = "signal"
+                    break
+                batches = {t: D.make_batch(train_sets[t], subsets[t][plan[t][s]], cfg.batch_size, cfg.buckets) for t in cfg.tasks}
+                if fault is not None:
+                    batches = fault(global_step, batches)
+                state, m = step_fn(state, batches, dropout_key)
+                global_step += 1
+                pending.append((global_step, m))
+                if global_step % log_every == 0:
+                    flush()
+            flush()
+            if stopped is None and (global_step % steps_per_epoch == 0 or global_step >= total):
+                do_eval(epoch)
+            ckpt.save_state(state, {"epoch": global_step // steps_per_epoch,
+                                    "step_in_epoch": global_step % steps_per_epoch, "best_overall": best})
+            epoch, offset = epoch + 1, 0
+    finally:
+        ckpt.close()
+    if stopped:
+        log({"event": "stopped", "reason": stopped, "step": global_step})
+    return {**metrics, "best_overall": best, "step": global_step, "stopped": stopped is not None}
