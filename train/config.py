@@ -88,7 +88,7 @@ class TrainConfig:
 # Presets. "report" = the paper's settings (meant for a GPU). The cpu-* presets keep the report's
 # hyper-parameters (batch 8, dropout 0.3, AdamW) but fewer, shorter epochs and a higher lr, sized to
 # finish in well under 40 minutes on 2 CPU cores with the embedded all-MiniLM-L6-v2.
-_CPU = dict(epochs=3, epoch_policy=600, lr=5e-5, max_len=64, buckets=(16, 32, 64), eval_batch_size=128)
+_CPU = dict(epochs=2, epoch_policy=500, lr=5e-5, max_len=64, buckets=(16, 32, 64), eval_batch_size=128)
 PRESETS: dict[str, dict[str, Any]] = {
     "report": {},
     "report-pcgrad": {"combine": "pcgrad", "batch_size": 4},

