@@ -160,7 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="predict this file (of --task's format) instead of the split's")
     p.add_argument("--scores", default=None, help="also save raw per-task scores and ids to this .npz")
     p.set_defaults(func=_predict)
+
+    # Sub-commands that live in their own modules: each has `register(subparsers)`.
+    import importlib
+    import importlib.util
+
+    for name in _COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
     return parser
+
+
+_COMMAND_MODULES = ("scripts.ensemble_cmd", "scripts.bench_cmd", "scripts.experiments_cmd")
 
 
 class UserError(Exception):
@@ -168,6 +179,9 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational warnings
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
