@@ -1,0 +1,158 @@
+"""`bert-jax experiments`: the report's whole study, resumably, with REPORT.md and plots.
+
+RESULTS_DIR/
+  runs/<experiment>/     one run directory per experiment (done.json marks it finished)
+  ensembles.json         dev metrics of Ensembles 1-7 and the soups
+  torch-sum.json         the PyTorch baseline's summed-loss model under the same protocol (when torch is installed)
+  REPORT.md, lr.png, ensembles.png
+  study.json             protocol, seed, hardware, wall times
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict
+
+TASK_COLS = ("sst", "para", "sts", "overall")
+
+
+def hardware() -> str:
+    import os
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
+
+
+def run_experiment(results: Path, protocol: str, exp, data_dir, seed: int, checkpoint: str | None,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Train one experiment unless it is done; resume it when it was interrupted."""
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    run = results / "runs" / exp.name
+    done = run / "done.json"
+    if done.is_file():
+        log(f"[skip] {exp.name}: done")
+        return json.loads(done.read_text())
+    extra = {"seed": seed} | ({"checkpoint": checkpoint} if checkpoint else {})
+    cfg = TrainConfig.from_dict(experiment_config_dict(protocol, exp, extra))
+    resume = (run / "checkpoints").is_dir()
+    log(f"[{'resume' if resume else 'train'}] {exp.name}: {exp.label}")
+    t0 = time.perf_counter()
+    metrics = train(cfg, data_dir, run, resume=resume)
+    if metrics.get("stopped"):
+        raise KeyboardInterrupt
+    # The report evaluates the final model; best == final here (one evaluation per run in the cpu protocol).
+    record = {k: metrics[k] for k in TASK_COLS if k in metrics} | {"wall_s": time.perf_counter() - t0, "step": metrics["step"]}
+    done.write_text(json.dumps(record))
+    return record
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _row(name: str, label: str, ours: dict, theirs: tuple | None, extra: str = "") -> str:
+    cells = []
+    for i, k in enumerate(TASK_COLS):
+        o = ours.get(k)
+        t = theirs[i] if theirs else None
+        diff = "" if (o is None or t is None) else f" ({o - t:+.3f})"
+        cells.append(f"{_fmt(o)} / {_fmt(t)}{diff}")
+    return f"| {label} | `{name}` | " + " | ".join(cells) + f" |{extra}"
+
+
+def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: dict[str, dict], torch_sum: dict | None) -> Path:
+    """REPORT.md: one table per report table (ours / report (difference)), plus the plots."""
+    head = "| row | run | SST acc | Para acc | STS r | Overall |\n|---|---|---|---|---|---|"
+    lines = [
+        f"# bert-jax reproduction of the CS224N report ({study['protocol']} protocol)",
+        "",
+        f"- checkpoint: `{study['checkpoint']}`; data: `{study['data_dir']}` (Quora: the ~10% subset of the README, "
+        "so paraphrase numbers are not comparable to the report's Quora dev set); seed {seed}; protocol `{protocol}` "
+        "(see `train/experiments.py`).".format(**study),
+        f"- hardware: {study['hardware']}; wall time {study['wall_s'] / 60:.1f} min.",
+        "- cells: **ours / report (ours − report)**; dev sets"
+        + (f" limited to the first {study['dev_limit']} examples per task" if study.get("dev_limit") else "") + ".",
+        "",
+    ]
+    tables = [("Table 3: model types", "3"), ("Appendix A.1 (Table 6): sum vs average of losses", "A.1"),
+              ("Table 7 / Figure 4: learning rate (summed losses)", "7"), ("Appendix A.3: task-specific classifiers", "A.3")]
+    by_name = {e.name: e for e in EXPERIMENTS}
+    for title, table in tables:
+        lines += [f"## {title}", "", head]
+        names = [e.name for e in EXPERIMENTS if e.table == table]
+        if table == "A.1":
+            names = ["sum"] + names
+        if table == "7":
+            names = ["sum"] + names
+        if table == "A.3":
+            names = ["sst-finetune", "sst-pretrain"] + names
+        for n in names:
+            if n in runs:
+                label = by_name[n].label if not (table == "7" and n == "sum") else "1e-5 (= Sum Losses)"
+                lines.append(_row(n, label, runs[n], REPORT_DEV.get(n)))
+        if table == "3" and torch_sum:
+            lines.append(_row("torch-sum", "PyTorch baseline: Sum Losses", torch_sum, REPORT_DEV["sum"]))
+        lines.append("")
+    if ensembles:
+        lines += ["## Table 5: ensembles", "", head]
+        for n, m in ensembles.items():
+            lines.append(_row(n, n, m, REPORT_DEV.get(n)))
+        lines += ["", "![single models vs ensembles](ensembles.png)", ""]
+    lines += ["## Figure 4: learning rate", "", "![learning rate sweep](lr.png)", ""]
+    out = results / "REPORT.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def plot(results: Path, runs: dict[str, dict], ensembles: dict[str, dict], lr_scale: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["sum"] + [f"lr{k}e-5" for k in (2, 3, 4, 5, 6)]
+    xs = [k * 1e-5 * lr_scale for k in (1, 2, 3, 4, 5, 6)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in TASK_COLS:
+        ys = [runs.get(n, {}).get(task) for n in names]
+        if all(y is not None for y in ys):
+            ax.plot(xs, ys, marker="o", label=task)
+    ax.set_xlabel("learning rate" + (f" (report's × {lr_scale:g})" if lr_scale != 1 else ""))
+    ax.set_ylabel("dev score")
+    ax.set_title("Summed-loss multitask model: learning rate sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "lr.png", dpi=120)
+    plt.close(fig)
+
+    items = [(n, m["overall"]) for n, m in runs.items() if "overall" in m] + [(n, m["overall"]) for n, m in ensembles.items()]
+    if items:
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(items)), 4))
+        colors = ["tab:blue" if n in runs else "tab:orange" for n, _ in items]
+        ax.bar(range(len(items)), [v for _, v in items], color=colors)
+        ax.set_xticks(range(len(items)), [n for n, _ in items], rotation=70, ha="right", fontsize=8)
+        ax.set_ylabel("dev overall")
+        ax.set_ylim(min(v for _, v in items) - 0.05, max(v for _, v in items) + 0.02)
+        ax.set_title("Single models (blue) vs ensembles and soups (orange)")
+        fig.tight_layout()
+        fig.savefig(results / "ensembles.png", dpi=120)
+        plt.close(fig)

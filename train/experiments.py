@@ -1,0 +1,111 @@
+"""The report's study as data: every experiment of Tables 3, 5, 6, 7 and Appendix A.3, per protocol.
+
+An experiment is a run name + `TrainConfig` overrides on top of its protocol's base. Protocols:
+
+* `report`: the report's hyper-parameters (§5.3: batch 8, lr 1e-5, hidden dropout 0.3, AdamW wd 0,
+  10 epochs over the largest task, full dev sets). Meant for a GPU.
+* `cpu`: the same experiments, scaled down to finish on 2 CPU cores with the embedded
+  all-MiniLM-L6-v2 in under an hour: one epoch of `CPU_STEPS` round-robin steps (batch 8), sequences
+  cut to `CPU_MAX_LEN` tokens and padded to that one length (one compiled step shape per run), every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ...
+  6e-5 sweep becomes 4e-5 ... 2.4e-4: with ~40x fewer updates the report's rates barely move the
+  model), and dev metrics on the first `CPU_DEV_LIMIT` examples of each dev set. Everything else
+  (batch size, dropout, losses, heads, optimizer, task sampling) is the report's.
+
+Run names are the members that `ensembles/report.yaml` refers to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+CPU_STEPS = 120
+CPU_LR_SCALE = 4.0
+CPU_DEV_LIMIT = 300
+CPU_MAX_LEN = 48
+BASE_LR = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    table: str  # where the report shows it
+    label: str  # the report's row label
+    overrides: dict[str, Any]
+
+
+def _single(task: str, finetune: bool) -> dict[str, Any]:
+    return {"tasks": [task], "finetune": finetune}
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("sst-finetune", "3", "Baseline: Sentiment Fine-tuned", _single("sst", True)),
+    Experiment("sst-pretrain", "3", "Sentiment Pretrained", _single("sst", False)),
+    Experiment("sum", "3", "Sum Losses", {}),
+    Experiment("pcgrad", "3", "Gradient Surgery", {"combine": "pcgrad"}),
+    Experiment("cosine", "3", "Cosine Similarity (+MSE on STS, +BCE on para)",
+               {"heads": {"para_head": "cosine", "sts_head": "cosine"}}),
+    Experiment("mean", "A.1", "average losses", {"combine": "mean"}),
+    Experiment("sum-drop0.4", "A.1", "sum losses, 0.4 dropout", {"hidden_dropout": 0.4}),
+    Experiment("mean-drop0.4", "A.1", "average losses, 0.4 dropout", {"combine": "mean", "hidden_dropout": 0.4}),
+    *(Experiment(f"lr{k}e-5", "7", f"{k}e-5", {"lr": k * BASE_LR}) for k in (2, 3, 4, 5, 6)),
+    Experiment("para-finetune", "A.3", "Paraphrase Finetune", _single("para", True)),
+    Experiment("para-pretrain", "A.3", "Paraphrase Pretrain", _single("para", False)),
+    Experiment("sts-finetune", "A.3", "Semantic Similarity Finetune", _single("sts", True)),
+    Experiment("sts-pretrain", "A.3", "Semantic Similarity Pretrain", _single("sts", False)),
+)
+
+# Soups average the weights of runs that share one architecture (pair heads, all three tasks trained).
+SOUP_MEMBERS = ("sum", "mean", "sum-drop0.4", "mean-drop0.4", "lr2e-5", "lr3e-5", "lr4e-5", "lr5e-5", "lr6e-5", "pcgrad")
+
+# The report's numbers (dev), for the comparison tables: name -> (sst, para, sts, overall).
+REPORT_DEV: dict[str, tuple[float | None, ...]] = {
+    "sst-finetune": (0.517, 0.414, -0.098, 0.461),
+    "sst-pretrain": (0.391, 0.609, -0.111, None),
+    "sum": (0.518, 0.757, 0.444, 0.666),
+    "pcgrad": (0.513, 0.748, 0.475, 0.666),
+    "cosine": (None, 0.732, 0.559, None),  # para from "Cosine + CE", sts from "Cosine + MSE"
+    "mean": (0.514, 0.753, 0.444, 0.664),
+    "sum-drop0.4": (0.505, 0.752, 0.456, 0.665),
+    "mean-drop0.4": (0.509, 0.753, 0.473, 0.666),
+    "lr2e-5": (0.515, 0.756, 0.490, 0.672),
+    "lr3e-5": (0.515, 0.749, 0.516, 0.674),
+    "lr4e-5": (0.513, 0.752, 0.545, 0.679),
+    "lr5e-5": (0.490, 0.751, 0.557, 0.673),
+    "lr6e-5": (0.463, 0.755, 0.550, 0.665),
+    "para-finetune": (0.224, 0.813, -0.056, None),
+    "para-pretrain": (0.144, 0.657, -0.011, None),
+    "sts-finetune": (0.120, 0.593, 0.400, None),
+    "sts-pretrain": (0.144, 0.609, 0.267, None),
+    "ensemble1": (0.517, 0.813, 0.400, 0.676),
+    "ensemble2": (0.518, 0.813, 0.557, 0.703),
+    "ensemble3": (0.517, 0.821, 0.550, 0.704),
+    "ensemble4": (0.523, 0.759, 0.521, 0.681),
+    "ensemble5": (0.520, 0.762, 0.598, 0.693),
+    "ensemble6": (0.521, 0.819, 0.575, 0.709),
+    "ensemble7": (0.528, 0.820, 0.587, 0.714),
+}
+
+
+def protocol_base(protocol: str) -> tuple[str, dict[str, Any], float]:
+    """(preset, base overrides, lr scale) of a protocol."""
+    if protocol == "report":
+        return "report", {}, 1.0
+    if protocol == "cpu":
+        return "report", {"epochs": 1, "epoch_policy": CPU_STEPS, "max_len": CPU_MAX_LEN, "buckets": [CPU_MAX_LEN],
+                          "dev_limit": CPU_DEV_LIMIT, "eval_batch_size": 128}, CPU_LR_SCALE
+    raise ValueError(f"unknown protocol {protocol!r} (report or cpu)")
+
+
+def experiment_config_dict(protocol: str, exp: Experiment, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full config dict (TrainConfig fields) of one experiment under a protocol."""
+    from train.config import PRESETS, TrainConfig
+
+    preset, base, lr_scale = protocol_base(protocol)
+    d = TrainConfig().to_dict() | PRESETS[preset] | base | (extra or {})
+    ov = dict(exp.overrides)
+    if "heads" in ov:
+        d["heads"] = {**d["heads"], **ov.pop("heads")}
+    d.update(ov)
+    d["lr"] = d.get("lr", BASE_LR) * lr_scale
+    return d
