@@ -18,14 +18,28 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 2 user error (one line, no traceback); 3 non-finite loss (the last good checkpoint
+    is kept); 128+signum (130 SIGINT, 143 SIGTERM) interrupted: the state was checkpointed mid-epoch, the
+    process exited cleanly, and `--resume` continues exactly (a non-zero code so that scripts and job
+    schedulers do not mistake an interrupted run for a finished one)."""
     import signal
+    from pathlib import Path
 
     from tqdm import tqdm
 
     from train.config import resolve_config
     from train.trainer import NonFiniteLoss, train
 
-    cfg = resolve_config(args.config, args.overrides, seed=args.seed, max_steps=args.steps, checkpoint=args.checkpoint)
+    config = args.config
+    if config is None:  # --resume continues with the run's own config unless one is given
+        own = Path(args.out) / "config.yaml"
+        config = str(own) if args.resume and own.is_file() else "report"
+    cfg = resolve_config(config, args.overrides, seed=args.seed, max_steps=args.steps, checkpoint=args.checkpoint)
+    from train.sharding import from_args, is_main_process
+
+    dp = from_args(args)  # --mesh / multi-host (jax.distributed) before any JAX computation
+    if dp is not None:
+        dp.check_batch_size(cfg.batch_size)
     stop = {"sig": None}
 
     def on_signal(signum, _frame):
@@ -41,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(e["skipped"], file=sys.stderr)
             print(f"train sizes {e['train_sizes']}; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps", file=sys.stderr)
             bar = tqdm(total=e["total_steps"], initial=e["start_step"], desc="train", dynamic_ncols=True,
-                       disable=args.quiet, mininterval=1.0)
+                       disable=args.quiet or not is_main_process(), mininterval=1.0)
         elif e["event"] == "step":
             bar.update(e["step"] - bar.n)
             bar.set_postfix(loss=f"{e['loss']:.3f}", steps_s=f"{e['steps_per_s']:.2f}")
@@ -50,7 +64,8 @@ def _train(args: argparse.Namespace) -> int:
             tqdm.write(f"dev @ step {e['step']} (epoch {e['epoch']}): {json.dumps(shown)}{'  [best]' if e['best'] else ''}", file=sys.stderr)
 
     try:
-        result = train(cfg, args.data_dir, args.out, resume=args.resume, log=log, should_stop=lambda: stop["sig"] is not None)
+        result = train(cfg, args.data_dir, args.out, resume=args.resume, log=log, should_stop=lambda: stop["sig"] is not None,
+                       dp=dp)
     except NonFiniteLoss as e:
         print(f"bert-jax train: error: {e}", file=sys.stderr)
         return 3
@@ -67,12 +82,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_for_eval(run: str):
+def _load_run_for_eval(run: str, args: argparse.Namespace | None = None):
     from train.checkpoint import load_params
+    from train.sharding import from_args
     from train.step import make_eval_fn
 
+    dp = from_args(args) if args is not None else None  # --mesh / multi-host, before any JAX computation
     cfg, spec, params = load_params(run)
-    return cfg, spec, params, make_eval_fn(spec)
+    if dp is not None:
+        params = dp.put(params)
+    return cfg, spec, params, make_eval_fn(spec, dp)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -80,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from train.data import resolve_data_dir
     from train.trainer import EVAL_TASKS, evaluate, load_encoded
 
-    cfg, spec, params, eval_fn = _load_run_for_eval(args.run)
+    cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
     tok = bert_jax.load_tokenizer(args.run)
     encs, raw = load_encoded(resolve_data_dir(args.data_dir), EVAL_TASKS, args.split, tok, cfg.max_len)
     metrics, _ = evaluate(eval_fn, params, encs, cfg.eval_batch_size, cfg.buckets)
@@ -96,9 +115,10 @@ def _predict(args: argparse.Namespace) -> int:
     import bert_jax
     from train import data as D
     from train.predict import write_leaderboard_file
+    from train.sharding import is_main_process
     from train.trainer import EVAL_TASKS, predict_scores
 
-    cfg, spec, params, eval_fn = _load_run_for_eval(args.run)
+    cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
     tok = bert_jax.load_tokenizer(args.run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,10 +133,11 @@ def _predict(args: argparse.Namespace) -> int:
             print(D.summarize_skipped([td]), file=sys.stderr)
         enc = D.encode_task(td, tok, cfg.max_len)
         scores = predict_scores(eval_fn, params, enc, cfg.eval_batch_size, cfg.buckets)
-        path = write_leaderboard_file(out, t, args.split, enc.ids, scores)
         saved[f"{t}_scores"], saved[f"{t}_ids"] = scores, np.asarray(enc.ids)
-        print(f"wrote {path} ({len(enc.ids)} rows)", file=sys.stderr)
-    if args.scores:
+        if is_main_process():  # multi-host: every process has the scores, one writes
+            path = write_leaderboard_file(out, t, args.split, enc.ids, scores)
+            print(f"wrote {path} ({len(enc.ids)} rows)", file=sys.stderr)
+    if args.scores and is_main_process():
         np.savez(args.scores, **saved)
     return 0
 
@@ -136,19 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="multitask fine-tuning (round-robin SST / Quora / STS)")
     p.add_argument("--data-dir", default=None, help="CS224N data directory (else $BERT_JAX_DATA, else ./data)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--config", default="report", help="preset name or YAML file (presets: see train/config.py)")
+    p.add_argument("--config", default=None, help="preset name or YAML file (presets: see train/config.py); "
+                   "default: report, or with --resume the run's own config.yaml")
     p.add_argument("--steps", type=int, default=None, help="stop after N steps in total")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="'embedded' or a local HF BERT directory")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. lr=3e-5 combine=pcgrad heads.sts_head=cosine)")
+    add_mesh_args(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a split, as JSON")
     p.add_argument("run")
     p.add_argument("--split", default="dev", choices=["train", "dev"])
     p.add_argument("--data-dir", default=None)
+    add_mesh_args(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="CS224N leaderboard files of a run")
@@ -159,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["sst", "para", "sts", "cfimdb"], default=None, help="only this task")
     p.add_argument("--input", default=None, help="predict this file (of --task's format) instead of the split's")
     p.add_argument("--scores", default=None, help="also save raw per-task scores and ids to this .npz")
+    add_mesh_args(p)
     p.set_defaults(func=_predict)
 
     # Sub-commands that live in their own modules: each has `register(subparsers)`.
@@ -169,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(sub)
     return parser
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, distributed: bool = True) -> None:
+    """`--mesh data=N`, `--shard-params` and the multi-host flags; the handler calls
+    `train.sharding.from_args(args)` first (before any JAX computation) to get a `DataParallel` or None."""
+    g = parser.add_argument_group("parallelism (train/sharding.py)")
+    g.add_argument("--mesh", default=None, metavar="data=N",
+                   help="data parallelism over N devices ('all' = every device): batches split along mesh axis 'data'")
+    g.add_argument("--shard-params", action="store_true",
+                   help="with --mesh: shard large params and optimizer state along 'data' too (FSDP) instead of replicating")
+    if distributed:
+        g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="multi-host: process 0's coordinator address (else $JAX_COORDINATOR_ADDRESS)")
+        g.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes (else $JAX_NUM_PROCESSES)")
+        g.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id 0..N-1 (else $JAX_PROCESS_ID)")
+        g.add_argument("--distributed", action="store_true",
+                       help="multi-host: jax.distributed.initialize() with auto-detection (SLURM, Open MPI, TPU)")
 
 
 _COMMAND_MODULES = ("scripts.ensemble_cmd", "scripts.bench_cmd", "scripts.experiments_cmd")

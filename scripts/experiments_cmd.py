@@ -65,6 +65,17 @@ def run_experiment(results: Path, protocol: str, exp, data_dir, seed: int, check
     return record
 
 
+def run_ensembles(results: Path, data_dir: Path, runs: dict[str, dict], log: Callable[[str], None]) -> dict[str, dict]:
+    """Ensembles 1-7 (ensembles/report.yaml) and the soups, on dev. Needs every member run."""
+    raise NotImplementedError
+
+
+def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, checkpoint: str | None,
+                       log: Callable[[str], None]) -> dict | None:
+    """The PyTorch baseline's summed-loss model, same protocol and data order."""
+    raise NotImplementedError
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
@@ -156,3 +167,46 @@ def plot(results: Path, runs: dict[str, dict], ensembles: dict[str, dict], lr_sc
         fig.tight_layout()
         fig.savefig(results / "ensembles.png", dpi=120)
         plt.close(fig)
+
+
+def _experiments(args: argparse.Namespace) -> int:
+    from train.data import resolve_data_dir
+    from train.experiments import protocol_base
+
+    results = Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(args.data_dir)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    only = set(args.only.split(",")) if args.only else None
+    t0 = time.perf_counter()
+    runs: dict[str, dict] = {}
+    for exp in EXPERIMENTS:
+        if only and exp.name not in only:
+            continue
+        runs[exp.name] = run_experiment(results, args.protocol, exp, data_dir, args.seed, args.checkpoint, log)
+    ensembles = run_ensembles(results, data_dir, runs, log) if not only else {}
+    torch_sum = run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log) if not args.no_torch and not only else None
+    _, base, lr_scale = protocol_base(args.protocol)
+    prev = json.loads((results / "study.json").read_text()) if (results / "study.json").is_file() else {}
+    study = {"protocol": args.protocol, "checkpoint": args.checkpoint or "embedded", "data_dir": str(data_dir),
+             "seed": args.seed, "hardware": hardware(), "dev_limit": base.get("dev_limit"),
+             # wall time summed over invocations, so a resumed study reports its total
+             "wall_s": prev.get("wall_s", 0.0) * bool(prev) + time.perf_counter() - t0,
+             "runs": runs, "ensembles": ensembles, "torch_sum": torch_sum}
+    (results / "study.json").write_text(json.dumps(study, indent=2))
+    plot(results, runs, ensembles, lr_scale)
+    report = write_report(results, study, runs, ensembles, torch_sum)
+    log(f"wrote {report} ({study['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiments", help="the report's whole study, resumably, with REPORT.md")
+    p.add_argument("--protocol", choices=["report", "cpu"], default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="'embedded' (default) or a local HF BERT directory")
+    p.add_argument("--only", default=None, help="comma-separated experiment names (no ensembles / report tables for the rest)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline run")
+    p.set_defaults(func=_experiments)

@@ -8,14 +8,18 @@ RUN/
   best/<step>/        params of the best dev `overall` so far
   metrics.jsonl       one JSON object per evaluation
 
-Orbax writes every checkpoint to a temporary directory and renames it when complete, so a crash or
-SIGKILL during a save leaves the previous checkpoint as the latest loadable one.
+Orbax writes every checkpoint to a temporary directory (`<step>.orbax-checkpoint-tmp`) and renames it
+when complete, so a crash or SIGKILL during a save leaves the previous checkpoint as the latest loadable
+one; a leftover temporary directory is never listed as a step and is deleted by the next writable
+`Checkpointer`. The small run files are written atomically too (temporary file + rename). Every error
+about a missing, truncated or foreign run directory is a one-line `RunError` naming the path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,10 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
+import bert_jax
 from bert_jax import BertConfig, Params
 from train.config import TrainConfig
-from train.heads import HeadConfig
+from train.heads import HeadConfig, init_heads
 from train.step import ModelSpec, TrainState
 
 
@@ -46,12 +51,73 @@ def _manager(directory: Path, keep: int, best: bool = False, read_only: bool = F
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (orbax/TensorStore errors span pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` via a temporary file + rename, so a kill mid-write never leaves it truncated."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_run_files(run: Path, cfg: TrainConfig, spec: ModelSpec, vocab_file: Path) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run / "bert_config.json").write_text(json.dumps(dataclasses.asdict(spec.bert), indent=2) + "\n")
+    _write_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    _write_atomic(run / "bert_config.json", (json.dumps(dataclasses.asdict(spec.bert), indent=2) + "\n").encode())
     if not (run / "vocab.txt").exists():
-        (run / "vocab.txt").write_bytes(Path(vocab_file).read_bytes())
+        _write_atomic(run / "vocab.txt", Path(vocab_file).read_bytes())
+
+
+def has_steps(directory: Path) -> bool:
+    """Whether `directory` holds a finalized checkpoint (`<step>/`; temporary directories do not count)."""
+    return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
+
+
+def expected_params(spec: ModelSpec) -> Params:
+    """The abstract (shape/dtype) param tree of `spec`'s model: `{"bert": ..., "heads": ...}`."""
+    return jax.eval_shape(lambda k: {"bert": bert_jax.init_params(spec.bert, k),
+                                     "heads": init_heads(spec.heads, spec.bert.hidden_size, k)}, jax.random.key(0))
+
+
+def _stored_tree(path: Path) -> Any:
+    """The tree metadata (leaf shapes) of an orbax StandardSave item directory, without reading arrays."""
+    try:
+        with ocp.StandardCheckpointer() as c:
+            return c.metadata(path.absolute()).item_metadata
+    except Exception as e:  # truncated / foreign checkpoint
+        raise RunError(f"{path.parent}: cannot read checkpoint ({_one_line(e)})") from None
+
+
+def _item(tree: Any, key: str) -> Any:
+    """`tree[key]` of a stored tree's metadata (a mapping), else None."""
+    try:
+        return tree[key] if key in tree.keys() else None
+    except (AttributeError, TypeError):
+        return None
+
+
+def _check_shapes(expected: Any, stored: Any, where: Path) -> None:
+    """Raise a `RunError` naming the first leaf whose presence or shape differs (architecture mismatch)."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    if stored is None:
+        raise RunError(f"{where}: not a readable bert-jax checkpoint (no parameter tree: missing or corrupt metadata)")
+    want, got = shapes(expected), shapes(stored)
+    for k in want:
+        if k not in got:
+            raise RunError(f"{where}: checkpoint does not match the run's architecture (parameter {k} missing)")
+        if want[k] != got[k]:
+            raise RunError(f"{where}: checkpoint does not match the run's architecture "
+                           f"(parameter {k} has shape {got[k]}, the run's config needs {want[k]})")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise RunError(f"{where}: checkpoint does not match the run's architecture (unexpected parameter {extra[0]})")
 
 
 def read_run_config(run: str | Path) -> tuple[TrainConfig, ModelSpec]:
@@ -65,7 +131,7 @@ def read_run_config(run: str | Path) -> tuple[TrainConfig, ModelSpec]:
         cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
         bert = BertConfig(**json.loads((run / "bert_config.json").read_text()))
     except (ValueError, TypeError, yaml.YAMLError) as e:
-        raise RunError(f"{run}: unreadable run config ({e})") from None
+        raise RunError(f"{run}: unreadable run config ({_one_line(e)})") from None
     return cfg, ModelSpec(bert=bert, heads=cfg.heads)
 
 
@@ -78,13 +144,21 @@ class Checkpointer:
         self.best = _manager(self.run / "best", 1, best=True, read_only=read_only)
 
     def save_state(self, state: TrainState, position: dict[str, Any]) -> None:
+        """Save the training state at its step; a no-op when that step is already saved (same state)."""
         step = int(state.step)
+        if step in self.latest.all_steps():
+            return
         self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position)), force=True)
         self.latest.wait_until_finished()
 
     def save_best(self, step: int, params: Params, metrics: dict[str, float]) -> None:
-        """Replace the kept best params (the caller decides that `metrics["overall"]` is a new best)."""
+        """Replace the kept best params (the caller decides that `metrics["overall"]` is a new best).
+
+        A best already saved at `step` (a resumed run redoing the evaluation it was killed after) is replaced.
+        """
+        if step in self.best.all_steps():
+            self.best.delete(step)
         self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
                        metrics={"overall": float(metrics["overall"])}, force=True)
         self.best.wait_until_finished()
@@ -97,11 +171,16 @@ class Checkpointer:
         if step is None:
             raise RunError(f"{self.run}: no checkpoint to resume from")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target._asdict())
+        where = self.run / "checkpoints" / str(step)
+        stored = _stored_tree(where / "state")
+        _check_shapes(abstract["params"], _item(stored, "params"), where)
         try:
             out = self.latest.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
         except Exception as e:  # truncated / foreign checkpoint
-            raise RunError(f"{self.run / 'checkpoints' / str(step)}: cannot restore checkpoint ({type(e).__name__}: {e})") from None
+            raise RunError(f"{where}: cannot restore checkpoint ({_one_line(e)})") from None
+        if not isinstance(out.get("position"), dict):
+            raise RunError(f"{where}: checkpoint has no data position (not written by bert-jax train)")
         return TrainState(**out["state"]), out["position"]
 
     def close(self) -> None:
@@ -120,10 +199,15 @@ def load_params(run: str | Path) -> tuple[TrainConfig, ModelSpec, Params]:
         step = mngr.latest_step()
         if step is None:
             continue
+        where = run / sub / str(step)
+        stored = _stored_tree(where / key)
+        if key == "state":
+            stored = _item(stored, "params")
+        _check_shapes(expected_params(spec), stored, where)
         try:
             out = mngr.restore(step, args=ocp.args.Composite(**{key: ocp.args.StandardRestore()}))
         except Exception as e:
-            raise RunError(f"{run / sub / str(step)}: cannot restore checkpoint ({type(e).__name__}: {e})") from None
+            raise RunError(f"{where}: cannot restore checkpoint ({_one_line(e)})") from None
         params = out[key] if key == "params" else out[key]["params"]
         return cfg, spec, jax.tree.map(jax.numpy.asarray, params)
     raise RunError(f"{run}: no checkpoint found (expected {run / 'best'} or {run / 'checkpoints'})")

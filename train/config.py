@@ -76,12 +76,22 @@ class TrainConfig:
         d = dict(d)
         if "heads" in d and isinstance(d["heads"], dict):
             h = dict(d["heads"])
+            bad = sorted(set(h) - {f.name for f in dataclasses.fields(HeadConfig)})
+            if bad:
+                raise ValueError(f"unknown config key(s): {', '.join('heads.' + k for k in bad)}")
             if "heads" in h:
-                h["heads"] = tuple(h["heads"])
+                h["heads"] = (h["heads"],) if isinstance(h["heads"], str) else tuple(h["heads"])
             d["heads"] = HeadConfig(**h)
         for k in ("tasks", "buckets"):
-            if k in d:
-                d[k] = tuple(d[k])
+            if k in d:  # a scalar (`tasks=sst`, `buckets=64`) is a one-element tuple, not a tuple of characters
+                d[k] = (d[k],) if isinstance(d[k], (str, int)) else tuple(d[k])
+        for f in dataclasses.fields(cls):
+            # PyYAML (YAML 1.1) reads `3e-5` (no dot) as a string: coerce float fields, or fail naming the key
+            if str(f.type).startswith("float") and isinstance(d.get(f.name), str):
+                try:
+                    d[f.name] = float(d[f.name])
+                except ValueError:
+                    raise ValueError(f"config key {f.name}: expected a number, got {d[f.name]!r}") from None
         return cls(**d)
 
 

@@ -74,8 +74,14 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def _cosine(u: jax.Array, v: jax.Array) -> jax.Array:
+    # max(‖x‖, eps) computed as sqrt(max(‖x‖², eps²)): same value, but a zero vector (e.g. the mean-pooled
+    # embedding of an all-padding row) gets a zero gradient instead of NaN (d‖x‖/dx = x/‖x‖ = 0/0 at x = 0).
     eps = 1e-8
-    return (u * v).sum(-1) / (jnp.maximum(jnp.linalg.norm(u, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(v, axis=-1), eps))
+
+    def norm(x: jax.Array) -> jax.Array:
+        return jnp.sqrt(jnp.maximum(jnp.square(x).sum(-1), eps * eps))
+
+    return (u * v).sum(-1) / (norm(u) * norm(v))
 
 
 def task_scores(

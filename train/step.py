@@ -8,7 +8,6 @@ per-task `jax.grad` plus the projection of the shared (encoder) gradients, insid
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,6 +21,7 @@ from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
 from train.losses import task_loss
 from train.optim import OptimConfig, make_optimizer
+from train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
 
@@ -80,14 +80,22 @@ def make_train_step(
     combine: str = "sum",
     pcgrad_reduction: str = "sum",
     finetune: bool = True,
+    dp: DataParallel | None = None,
 ) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `step(state, batches, rng) -> (state, metrics)`; `state` is donated.
 
     `batches` maps every task in `tasks` to one batch. `metrics` holds each task's loss and `loss`
     (the sum of the task losses), plus `grad_norm` of the applied gradient.
+
+    With `dp` (see `train.sharding`) the step is jitted over its mesh with explicit shardings: `state`
+    must already be placed (`dp.put(state)`), `batches` are global numpy batches (every process passes
+    the same; each batch size divisible by the mesh size), split by rows over the `data` axis; metrics
+    are replicated. The math is the single-device step's on the global batch.
     """
 
     def frozen(params: Params) -> Params:
+        if dp is not None:
+            params = dp.gather(params)  # FSDP: all-gather the weights for compute
         return params if finetune else {"bert": jax.lax.stop_gradient(params["bert"]), "heads": params["heads"]}
 
     def one_task(params, task, batch, rng):
@@ -117,14 +125,48 @@ def make_train_step(
         metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.global_norm(grads)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if dp is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return _sharded_step(step, dp)
 
 
-def make_eval_fn(spec: ModelSpec) -> Callable[[Params, str, Batch], jax.Array]:
-    """A jitted deterministic `scores(params, task, batch)` (task is static)."""
+def _sharded_step(step: Callable, dp: DataParallel) -> Callable:
+    """`step` jitted over `dp.mesh`; the state shardings are read off the first state it is given."""
+    jitted: dict[str, Callable] = {}
+    rng_cache: list = []  # (rng, placed rng): the trainer passes the same key every step
 
-    @partial(jax.jit, static_argnums=(1,))
+    def call(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
+        if "fn" not in jitted:
+            st = dp.shardings(state)
+            jitted["fn"] = jax.jit(step, in_shardings=(st, dp.batch, dp.replicated),
+                                   out_shardings=(st, dp.replicated), donate_argnums=(0,))
+        if not rng_cache or rng_cache[0][0] is not rng:
+            rng_cache[:] = [(rng, dp.put(rng, dp.replicated))]
+        return jitted["fn"](state, {t: dp.put_batch(b) for t, b in batches.items()}, rng_cache[0][1])
+
+    call.jitted = jitted  # for inspection (tests): jitted["fn"] once called
+    return call
+
+
+def make_eval_fn(spec: ModelSpec, dp: DataParallel | None = None) -> Callable[[Params, str, Batch], jax.Array]:
+    """A jitted deterministic `scores(params, task, batch)` (task is static).
+
+    With `dp`, `params` must be placed on its mesh (`dp.put(params)`) and `batch` is a global numpy
+    batch of any size (padded internally to a multiple of the mesh size); scores are replicated.
+    """
+
     def scores(params: Params, task: str, batch: Batch) -> jax.Array:
+        if dp is not None:
+            params = dp.gather(params)
         return task_scores(params, spec.bert, spec.heads, task, batch, None)
 
-    return scores
+    if dp is None:
+        return jax.jit(scores, static_argnums=(1,))
+    jitted = jax.jit(scores, static_argnums=(1,), out_shardings=dp.replicated)
+
+    def call(params: Params, task: str, batch: Batch) -> jax.Array:
+        padded, n = dp.pad_batch(batch)
+        out = jitted(params, task, dp.put_batch(padded))
+        return out if n == len(out) else out[:n]
+
+    return call

@@ -6,6 +6,17 @@ are the caller's, through the `log` callback which receives event dicts:
   {"event": "step", "step", "epoch", "loss", "loss_<task>", "steps_per_s"}     (every `log_every` steps)
   {"event": "eval", "step", "epoch", "<task>": metric, "overall", "best": bool}
   {"event": "stopped", "reason", "step"}
+
+Reliability (tests/test_reliability.py injects each fault):
+- the training state is checkpointed at every epoch end and when `should_stop()` turns true (SIGINT /
+  SIGTERM in the CLI); the checkpoint holds params, optimizer state, step and the data position
+  (epoch, step in epoch, steps per epoch, train sizes, best dev overall), and a resumed run replays the
+  remaining steps exactly: it ends bitwise equal (on CPU) to an uninterrupted run with the same seed.
+- `--resume` refuses a config or training data that differ from the run's (except RESUMABLE_CHANGES),
+  and rewinds metrics.jsonl to the checkpoint's step, so redone evaluations are not duplicated.
+- a non-finite loss or gradient norm (checked at every metrics flush, and always before a save) or
+  non-finite params (checked before every save) raise `NonFiniteLoss`: nothing is saved after the
+  fault, so the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
@@ -13,26 +24,73 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import bert_jax
 from bert_jax import Params
 from train import data as D
-from train.checkpoint import Checkpointer, RunError, write_run_files
+from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.config import TrainConfig
 from train.metrics import summarize, task_metric
+from train.sharding import DataParallel, is_main_process
 from train.step import ModelSpec, TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer
 
 EVAL_TASKS = ("sst", "para", "sts")
 
 
+# Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
+RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size", "checkpoint",
+                               "attention_impl", "remat"})
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run stopped without saving the bad state."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """True iff every floating-point leaf of `tree` is finite (one fused reduction)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
+    """A resumed run must continue the same training: only RESUMABLE_CHANGES may differ from RUN/config.yaml."""
+    if not (run / "config.yaml").is_file():
+        return
+    saved = read_run_config(run)[0].to_dict()
+    now = cfg.to_dict()
+    diff = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {saved[k]!r} in the run, {now.get(k)!r} now" for k in diff[:4])
+        raise RunError(f"{run}: --resume with a different config ({shown}); "
+                       f"omit --config to resume with the run's own, or train into a new --out")
+
+
+def _rewind_metrics(path: Path, step: int) -> dict[str, Any]:
+    """Keep the evaluation records of steps <= `step` in metrics.jsonl (a resumed run redoes later ones;
+    a kill mid-append may have left a torn last line). Returns the last kept record ({} if none)."""
+    if not path.exists():
+        return {}
+    kept: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(rec)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept[-1] if kept else {}
 
 
 @dataclasses.dataclass
@@ -85,17 +143,21 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
     log_every: int = 20,
     fault: Callable[[int, dict], dict] | None = None,
+    dp: DataParallel | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`, writing `run_dir`. Returns the last dev metrics (plus `best_overall`, `step`).
 
     `should_stop()` is polled every step: when it turns true the state is checkpointed and training
     returns with `stopped=True` (used for SIGINT/SIGTERM). `fault(step, batches)` is a test hook that
-    may rewrite a step's batches (fault injection).
+    may rewrite a step's batches (fault injection). `dp` (train.sharding): data-parallel over its mesh;
+    `cfg.batch_size` must be divisible by the mesh size.
     """
     run = Path(run_dir)
     data_dir = D.resolve_data_dir(data_dir)
-    if run.exists() and (run / "checkpoints").exists() and not resume:
+    if not resume and (has_steps(run / "checkpoints") or has_steps(run / "best")):
         raise RunError(f"{run}: run directory already has checkpoints (use --resume, or a new --out)")
+    if resume:
+        _check_resume_config(run, cfg)
     tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
     train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len)
     eval_tasks = tuple(dict.fromkeys(EVAL_TASKS + tuple(t for t in cfg.tasks if t == "cfimdb")))
@@ -110,21 +172,38 @@ def train(
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     tx = optimizer(cfg, total_steps=total)
     state = init_state(params, tx)
-    write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
+    if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
+        dp.check_batch_size(cfg.batch_size)
+        state = dp.put(state)
+    run.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run, keep=cfg.keep_checkpoints)
     position = {"epoch": 0, "step_in_epoch": 0, "best_overall": -math.inf}
     if resume and ckpt.latest_step() is not None:
-        state, position = ckpt.restore_state(state)
+        try:
+            state, position = ckpt.restore_state(state)
+            where = run / "checkpoints" / str(int(state.step))
+            if position.get("train_sizes", sizes) != sizes:
+                raise RunError(f"{where}: the training data changed since this checkpoint (examples per task "
+                               f"{position['train_sizes']} then, {sizes} now); resume with the same data")
+            if position.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+                raise RunError(f"{where}: checkpoint has {position['steps_per_epoch']} steps per epoch, "
+                               f"the config gives {steps_per_epoch}; resume with the run's config")
+        except BaseException:
+            ckpt.close()
+            raise
     start_step = int(state.step)
+    # only now that the resume is known to be valid: a refused --resume leaves the run untouched
+    write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
+    last_record = _rewind_metrics(run / "metrics.jsonl", start_step)
 
-    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune)
-    eval_fn = make_eval_fn(spec)
+    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp)
+    eval_fn = make_eval_fn(spec, dp)
     dropout_key = jax.random.fold_in(base, 1)
     log({"event": "start", "total_steps": total, "steps_per_epoch": steps_per_epoch, "start_step": start_step,
          "skipped": skipped, "train_sizes": sizes})
 
     best = position["best_overall"]
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
     pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
     t_last, n_last = time.perf_counter(), start_step
     global_step = start_step
@@ -136,15 +215,26 @@ def train(
         host = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]
         pending.clear()
         for s, m in host:
-            if not all(math.isfinite(v) for k, v in m.items() if k.startswith("loss")):
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {s}: " + ", ".join(f"{k}={v}" for k, v in m.items() if k.startswith("loss"))
-                    + f"; training stopped, the last good checkpoint in {run / 'checkpoints'} is kept")
+            watched = {k: v for k, v in m.items() if k.startswith("loss") or k == "grad_norm"}
+            if not all(math.isfinite(v) for v in watched.values()):
+                raise NonFiniteLoss(f"non-finite loss at step {s} ("
+                                    + ", ".join(f"{k}={v:.4g}" for k, v in watched.items()) + "); " + kept())
         now = time.perf_counter()
         s, m = host[-1]
         log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m,
              "steps_per_s": (s - n_last) / max(now - t_last, 1e-9)})
         t_last, n_last = now, s
+
+    def kept() -> str:
+        last = ckpt.latest_step()
+        if last is None:
+            return "training stopped before its first checkpoint was written"
+        return f"training stopped; the last good checkpoint (step {last}) in {run / 'checkpoints'} is kept"
+
+    def check_finite(tree, what: str) -> None:
+        """Never save non-finite values (they would become the latest / best checkpoint)."""
+        if not bool(_all_finite(tree)):
+            raise NonFiniteLoss(f"non-finite {what} at step {global_step}, not saved; " + kept())
 
     def do_eval(epoch: int) -> None:
         nonlocal best, metrics
@@ -152,10 +242,12 @@ def train(
         is_best = metrics.get("overall", -math.inf) > best
         if is_best:
             best = metrics["overall"]
+            check_finite(state, "training state")
             ckpt.save_best(global_step, state.params, metrics)
         record = {"step": global_step, "epoch": epoch, **metrics, "best": is_best}
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if is_main_process():  # multi-host: one writer
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         log({"event": "eval", **record})
 
     stopped = None
@@ -180,8 +272,10 @@ def train(
             flush()
             if stopped is None and (global_step % steps_per_epoch == 0 or global_step >= total):
                 do_eval(epoch)
+            check_finite(state, "training state")
             ckpt.save_state(state, {"epoch": global_step // steps_per_epoch,
-                                    "step_in_epoch": global_step % steps_per_epoch, "best_overall": best})
+                                    "step_in_epoch": global_step % steps_per_epoch, "best_overall": best,
+                                    "steps_per_epoch": steps_per_epoch, "train_sizes": sizes})
             epoch, offset = epoch + 1, 0
     finally:
         ckpt.close()

@@ -1,0 +1,433 @@
+"""`bert-jax bench`: A/B timings measured in one process, interleaved, after warm-up.
+
+  --what step      A = the JAX train step (train.step.make_train_step, summed losses), B = the PyTorch
+                   baseline step (scripts/torch_baseline.py): same checkpoint, same initial weights,
+                   same synthetic batches (sst [B, L] + para, sts pairs [B, L] each), dropout on in both.
+  --what pcgrad    A = the JAX PCGrad step, B = the JAX summed-loss step, same batches.
+  --what ensemble  A = a vmapped K-member ensemble, B = the K members one after another
+                   (ensemble.timing.time_ensemble, dev batches).
+  --what epoch     A = JAX, B = PyTorch: one full pass over the real training data (train split of
+                   sst, para, sts), each timed pass including loading + tokenisation, the epoch plan,
+                   bucketed batching and every step; both frameworks see the same batches in the same
+                   order. `--limit N` uses the first N examples per task (quick run); without it the pass
+                   is the full "max" epoch (ceil(largest task / batch) steps: hours on a CPU).
+
+Protocol: compile / warm-up first (JAX compile time reported separately, from jax.monitoring's
+compile events), then `--reps` repetitions alternating AB, BA, AB, ... Reported per arm: median,
+IQR (25th-75th percentile), min / max; `a_over_b` = median(A) / median(B), plus the median of the
+per-repetition ratios. torch uses `torch.set_num_threads(os.cpu_count())`; XLA's CPU client uses all
+cores by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+STEP_TASKS = ("sst", "para", "sts")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, load average, JAX device and library versions."""
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "loadavg_1_5_15": load,
+        "jax_device": f"{dev.platform}:{dev.device_kind}", "jax_devices": len(jax.devices()),
+        "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version(),
+    }
+
+
+def _device_str(m: dict[str, Any]) -> str:
+    return f"{m['jax_device']} ({m['cpu']}, {m['cores']} cores)"
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    q = np.percentile(xs, [25, 50, 75])
+    return {"median_s": float(q[1]), "q25_s": float(q[0]), "q75_s": float(q[2]), "min_s": float(min(xs)),
+            "max_s": float(max(xs)), "n": len(xs)}
+
+
+class CompileEvents:
+    """Sums jax.monitoring compile-event durations (trace, lowering, backend compile) while active."""
+
+    NAMES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+             "/jax/core/compile/backend_compile_duration": "backend_compile_s"}
+    _installed: "CompileEvents | None" = None
+
+    def __init__(self) -> None:
+        self.active = False
+        self.totals: dict[str, float] = defaultdict(float)
+        self.compiles = 0
+        import jax
+
+        if CompileEvents._installed is None:
+            jax.monitoring.register_event_duration_secs_listener(self._on_event)
+            CompileEvents._installed = self
+        else:  # one listener per process; reuse it
+            self.__dict__ = CompileEvents._installed.__dict__
+            self.reset()
+
+    def _on_event(self, name: str, secs: float, **kwargs: Any) -> None:
+        if self.active and name in self.NAMES:
+            self.totals[self.NAMES[name]] += secs
+            if name == "/jax/core/compile/backend_compile_duration":
+                self.compiles += 1
+
+    def reset(self) -> None:
+        self.totals = defaultdict(float)
+        self.compiles = 0
+
+    def __enter__(self) -> "CompileEvents":
+        self.active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.active = False
+
+    def summary(self) -> dict[str, float]:
+        t = {k: round(self.totals.get(k, 0.0), 4) for k in self.NAMES.values()}
+        return {**t, "total_s": round(sum(t.values()), 4), "xla_compiles": self.compiles}
+
+
+def interleave(run_a: Callable[[], None], run_b: Callable[[], None], reps: int) -> tuple[list[float], list[float]]:
+    """`reps` timings of each arm, alternating AB, BA, AB, ... (each call must block until done)."""
+    ta, tb = [], []
+    for r in range(reps):
+        for arm in ("ab" if r % 2 == 0 else "ba"):
+            t0 = time.perf_counter()
+            (run_a if arm == "a" else run_b)()
+            (ta if arm == "a" else tb).append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def result(what: str, a: str, b: str, ta: list[float], tb: list[float], m: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    sa, sb = stats(ta), stats(tb)
+    return {
+        "what": what, "a": a, "b": b, "a_median_s": sa["median_s"], "b_median_s": sb["median_s"],
+        "a_over_b": sa["median_s"] / sb["median_s"],
+        "paired_ratio_median": float(np.median(np.asarray(ta) / np.asarray(tb))),
+        "a_stats": sa, "b_stats": sb, "a_times_s": ta, "b_times_s": tb,
+        "device": _device_str(m), "machine": m, **extra,
+    }
+
+
+def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TASKS) -> dict[str, dict[str, np.ndarray]]:
+    """One fixed-shape batch per task: [batch, seq] token ids, lengths in [seq/2, seq] (row 0 full), all rows valid."""
+    rng = np.random.default_rng(seed)
+
+    def ids():
+        lengths = rng.integers(max(2, seq // 2), seq + 1, size=batch)
+        lengths[0] = seq
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+        x = rng.integers(1000, vocab, size=(batch, seq)).astype(np.int32)
+        x[:, 0] = 101
+        x[np.arange(batch), lengths - 1] = 102
+        return x * mask, mask
+
+    out = {}
+    valid = np.ones((batch,), np.float32)
+    for t in tasks:
+        if t in ("sst", "cfimdb"):
+            x, m = ids()
+            n = 5 if t == "sst" else 2
+            out[t] = {"input_ids": x, "attention_mask": m, "labels": rng.integers(0, n, batch).astype(np.int32), "valid": valid}
+        else:
+            x1, m1 = ids()
+            x2, m2 = ids()
+            y = rng.integers(0, 2, batch).astype(np.float32) if t == "para" else rng.uniform(0, 5, batch).astype(np.float32)
+            out[t] = {"input_ids_1": x1, "attention_mask_1": m1, "input_ids_2": x2, "attention_mask_2": m2,
+                      "labels": y, "valid": valid}
+    return out
+
+
+def _signature(batches: dict[str, dict[str, np.ndarray]]) -> tuple:
+    return tuple((t, tuple(b["input_ids" if "input_ids" in b else "input_ids_1"].shape)) for t, b in sorted(batches.items()))
+
+
+# ---------------------------------------------------------------------------------------- the arms
+
+
+class JaxArm:
+    """The trainer's jitted step on a fresh state; `__call__(batches)` runs one step and blocks."""
+
+    def __init__(self, cfg, seed: int = 0):
+        import jax
+
+        from train.step import init_model, init_state, make_train_step, optimizer
+
+        self.spec, params = init_model(cfg, jax.random.key(seed))
+        self.params0 = params
+        tx = optimizer(cfg)
+        self.state = init_state(jax.tree.map(lambda x: x.copy(), params), tx)
+        self.fn = make_train_step(self.spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune)
+        self.key = jax.random.key(seed + 1)
+        self.shapes: set = set()
+        self.events = CompileEvents()
+
+    def __call__(self, batches: dict) -> None:
+        import jax
+
+        self.state, m = self.fn(self.state, batches, self.key)
+        self.shapes.add(_signature(batches))
+        jax.block_until_ready((self.state, m))
+
+    def step_async(self, batches: dict):
+        """One step without waiting (as the trainer runs); returns the device metrics."""
+        self.state, m = self.fn(self.state, batches, self.key)
+        self.shapes.add(_signature(batches))
+        return m
+
+    def compiled_shapes(self) -> int | None:
+        size = getattr(self.fn, "_cache_size", None)
+        return size() if callable(size) else None
+
+
+class TorchArm:
+    """The PyTorch baseline with the JAX arm's initial params, in train mode (dropout on)."""
+
+    def __init__(self, cfg, jax_params, attn: str):
+        import jax
+        import torch
+
+        from scripts import torch_baseline as tb
+
+        hc = cfg.heads
+        att = cfg.attention_dropout
+        self.model = tb.build_model(cfg.checkpoint, hc.heads, pooling=hc.pooling, para_head=hc.para_head,
+                                    sts_head=hc.sts_head, hidden_dropout=cfg.hidden_dropout, attention_dropout=att,
+                                    attn_implementation=attn, jax_params=jax.tree.map(np.asarray, jax_params))
+        self.model.train()
+        self.opt = tb.CS224NAdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+        self.fn = tb.make_torch_step(self.model, self.opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction,
+                                     grad_clip=cfg.grad_clip)
+        torch.manual_seed(0)
+
+    def __call__(self, batches: dict) -> None:
+        self.fn(batches)
+
+
+def _cfg(args: argparse.Namespace, **kw: Any):
+    from train.config import resolve_config
+
+    return resolve_config(args.config, [], checkpoint=args.checkpoint, batch_size=args.batch, tasks=list(STEP_TASKS), **kw)
+
+
+def _set_threads() -> int:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- kinds
+
+
+def bench_step(args: argparse.Namespace) -> dict[str, Any]:
+    """JAX train step vs the PyTorch baseline step, same shapes and weights."""
+    threads = _set_threads()
+    cfg = _cfg(args, combine="sum")
+    jx = JaxArm(cfg, args.seed)
+    tr = TorchArm(cfg, jx.params0, args.torch_attn)
+    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed)
+    t0 = time.perf_counter()
+    with jx.events:
+        jx(batches)
+    first_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tr(batches)
+    first_b = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        jx(batches)
+        tr(batches)
+    _log(args, f"compiled in {first_a:.1f} s; timing {args.reps} reps")
+    ta, tb = interleave(lambda: jx(batches), lambda: tr(batches), args.reps)
+    return result(
+        "step", f"JAX train step (sum of {len(cfg.tasks)} task losses)",
+        f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", ta, tb, machine(),
+        checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(cfg.tasks),
+        shapes=f"sst [{args.batch},{args.seq}]; para, sts pairs [{args.batch},{args.seq}] x2 (encoder runs [{2 * args.batch},{args.seq}])",
+        hidden_dropout=cfg.hidden_dropout, attention_dropout=jx.spec.bert.attention_probs_dropout_prob,
+        compile=jx.events.summary(), a_first_call_s=first_a, b_first_call_s=first_b,
+        jax_compiled_shapes=jx.compiled_shapes(), torch_threads=threads, warmup=args.warmup, reps=args.reps,
+    )
+
+
+def bench_pcgrad(args: argparse.Namespace) -> dict[str, Any]:
+    """JAX PCGrad step vs JAX summed step."""
+    a, b = JaxArm(_cfg(args, combine="pcgrad"), args.seed), JaxArm(_cfg(args, combine="sum"), args.seed)
+    batches = synthetic_batches(a.spec.bert.vocab_size, args.batch, args.seq, args.seed)
+    compile_info = {}
+    for name, arm in (("a", a), ("b", b)):
+        t0 = time.perf_counter()
+        with arm.events:
+            arm(batches)
+        compile_info[name] = {**arm.events.summary(), "first_call_s": time.perf_counter() - t0}
+        arm.events.reset()
+    for _ in range(args.warmup):
+        a(batches)
+        b(batches)
+    _log(args, f"compiled; timing {args.reps} reps")
+    ta, tb = interleave(lambda: a(batches), lambda: b(batches), args.reps)
+    return result("pcgrad", "JAX PCGrad step", "JAX summed-loss step", ta, tb, machine(),
+                  checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(STEP_TASKS),
+                  compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps)
+
+
+def bench_ensemble(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from ensemble.timing import time_ensemble
+    except ImportError as e:
+        from scripts.cli import UserError
+
+        raise UserError(f"--what ensemble needs ensemble.timing.time_ensemble, which is not available ({e})") from None
+    out = time_ensemble(args.k, args.checkpoint, args.n_examples, args.batch, args.reps, data_dir=args.data_dir)
+    m = machine()
+    out.setdefault("what", "ensemble")
+    out["device"] = _device_str(m)
+    out["machine"] = m
+    return out
+
+
+def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    """One pass over the training data per timed repetition, for each framework (see module docstring)."""
+    import jax
+
+    import bert_jax
+    from train import data as D
+    from train.trainer import load_encoded
+
+    threads = _set_threads()
+    cfg = _cfg(args, combine="sum")
+    data_dir = D.resolve_data_dir(args.data_dir)
+    tok = bert_jax.load_tokenizer(cfg.checkpoint)
+    jx = JaxArm(cfg, args.seed)
+    tr = TorchArm(cfg, jx.params0, args.torch_attn)
+    info: dict[str, Any] = {}
+
+    def one_pass(arm) -> None:
+        encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit)
+        sizes = {t: len(e) for t, e in encs.items()}
+        plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, 0, "max")
+        steps = D.epoch_steps(sizes, cfg.batch_size, "max")
+        last = None
+        for s in range(steps):
+            batches = {t: D.make_batch(encs[t], plan[t][s], cfg.batch_size, cfg.buckets) for t in cfg.tasks}
+            if arm is jx:
+                last = jx.step_async(batches)  # async dispatch: the next batch is built while this step runs
+            else:
+                tr(batches)
+        if last is not None:
+            jax.block_until_ready((jx.state, last))
+        info.update(sizes=sizes, steps=steps)
+
+    _log(args, "warm-up pass (JAX compiles every batch shape it meets)")
+    t0 = time.perf_counter()
+    with jx.events:
+        one_pass(jx)
+    warm_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    one_pass(tr)
+    warm_b = time.perf_counter() - t0
+    _log(args, f"warm-up: JAX {warm_a:.1f} s ({len(jx.shapes)} shapes), torch {warm_b:.1f} s; timing {args.reps} reps")
+    ta, tb = interleave(lambda: one_pass(jx), lambda: one_pass(tr), args.reps)
+    return result(
+        "epoch", "JAX: load + tokenise + batch + train steps, one pass",
+        f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", ta, tb, machine(),
+        checkpoint=args.checkpoint, batch=args.batch, tasks=list(cfg.tasks), config=args.config,
+        limit_per_task=args.limit, train_sizes=info["sizes"], steps_per_pass=info["steps"],
+        max_len=cfg.max_len, buckets=list(cfg.buckets), compile=jx.events.summary(),
+        jax_distinct_batch_shapes=len(jx.shapes), jax_compiled_shapes=jx.compiled_shapes(),
+        a_warmup_pass_s=warm_a, b_warmup_pass_s=warm_b, torch_threads=threads, reps=args.reps,
+    )
+
+
+KINDS = {"step": bench_step, "pcgrad": bench_pcgrad, "ensemble": bench_ensemble, "epoch": bench_epoch}
+
+
+def _summary_line(r: dict[str, Any]) -> str:
+    parts = [f"{r['what']}: A {r['a_median_s'] * 1e3:.1f} ms vs B {r['b_median_s'] * 1e3:.1f} ms (medians)",
+             f"A/B = {r['a_over_b']:.3f}"]
+    if "a_stats" in r:
+        sa, sb = r["a_stats"], r["b_stats"]
+        parts.append(f"IQR A {sa['q25_s'] * 1e3:.1f}-{sa['q75_s'] * 1e3:.1f} ms, B {sb['q25_s'] * 1e3:.1f}-{sb['q75_s'] * 1e3:.1f} ms")
+    if "compile" in r:
+        parts.append(f"JAX compile {r['compile']['total_s']:.1f} s")
+    return "; ".join(parts) + f"  [{r['device']}]"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from scripts.cli import UserError
+
+    if args.reps is None:
+        args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3}[args.what]
+    for name in ("reps", "batch", "seq", "k", "n_examples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    r = KINDS[args.what](args)
+    print(json.dumps(r) if args.print_json else _summary_line(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="A/B timings: JAX vs PyTorch step/epoch, PCGrad vs sum, vmapped ensemble",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=sorted(KINDS), default="step")
+    p.add_argument("--checkpoint", default="embedded", help="'embedded' (all-MiniLM-L6-v2) or a local HF BERT directory")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 20; ensemble 5; epoch 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm after the compile call (step, pcgrad)")
+    p.add_argument("--batch", type=int, default=8, help="examples per task per step (ensemble: eval batch size)")
+    p.add_argument("--seq", type=int, default=32, help="sequence length of the synthetic batches (step, pcgrad)")
+    p.add_argument("--config", default="cpu-sum", help="train preset / YAML giving dropout, lr, max_len, buckets (default cpu-sum)")
+    p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention kernel of the baseline")
+    p.add_argument("--data-dir", default=None, help="CS224N data (epoch, ensemble); else $BERT_JAX_DATA, else ./data")
+    p.add_argument("--limit", type=int, default=None, help="epoch: first N training examples per task (default: all)")
+    p.add_argument("--k", type=int, default=4, help="ensemble members")
+    p.add_argument("--n-examples", type=int, default=256, help="ensemble: dev examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-json", action="store_true", help="print the JSON result instead of the summary line")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_bench)

@@ -1,0 +1,365 @@
+"""The PyTorch baseline of the multitask minBERT: the model `train/` trains, written independently in torch.
+
+Kept small and separate from the JAX code: it imports nothing from `train/` at module level, only
+`bert_jax.convert`'s name mapping (to copy JAX parameters in and read gradients out). Semantics
+mirror the JAX implementation exactly:
+
+* encoder: transformers' `BertModel` (with its pooler) loaded from the same checkpoint directory;
+  `attn_implementation="sdpa"` by default (faster than "eager" on CPU for these shapes, see
+  `bert-jax bench`), token types all 0.
+* heads (`train/heads.py`): sentence embedding = pooler output ("cls") or masked mean ("mean");
+  sst / cfimdb: linear over the dropped-out embedding; para / sts "pair": linear over the
+  dropped-out ``[u, v, |u-v|, u*v]``; "cosine": ``scale * cos + bias`` (para), ``2.5 (1 + cos)``
+  (sts), norms clamped at 1e-8 (as ``sqrt(max(||x||^2, 1e-16))``). Head dropout rate = the
+  encoder's hidden dropout. Pair tasks run both sentences through the encoder as one ``[2B, L]`` batch.
+* losses (`train/losses.py`): CE (sst, cfimdb), BCE-with-logits (para), MSE (sts), each a masked
+  mean over ``batch["valid"]``: ``sum(loss * valid) / max(sum(valid), 1)``.
+* combine: ``sum`` / ``mean`` of the task losses, or PCGrad (`pcgrad_combine`, a naive per-task
+  loop over flattened encoder gradients; heads get the sum of their task gradients).
+* optimizer: `CS224NAdamW`, the CS224N minBERT update (see its docstring), constant lr.
+
+Batches are the numpy dicts of `train.data.make_batch` (``{task: batch}`` per step).
+
+Parameter names: the JAX tree is ``{"bert": bert_jax tree, "heads": {task: {...}}}``;
+`load_jax_params` copies such a tree in and `to_jax_tree` reads params or grads back out in that
+layout (Dense kernels [in, out] <-> torch Linear weights [out, in]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_CLASSES = {"sst": 5, "cfimdb": 2}
+SINGLE_TASKS = ("sst", "cfimdb")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchSpec:
+    """What the JAX `ModelSpec` + `TrainConfig` fix for the model (dropouts, heads, attention kernel)."""
+
+    checkpoint_dir: str
+    heads: tuple[str, ...] = ("sst", "para", "sts")
+    pooling: str = "cls"
+    para_head: str = "pair"
+    sts_head: str = "pair"
+    hidden_dropout: float = 0.3
+    attention_dropout: float | None = None  # None: the checkpoint's value
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+
+
+class TorchMultitask(nn.Module):
+    """`BertModel` + task heads. `scores(task, batch)` mirrors `train.heads.task_scores`."""
+
+    def __init__(self, spec: TorchSpec):
+        super().__init__()
+        from transformers import BertModel
+
+        overrides: dict[str, Any] = {"hidden_dropout_prob": spec.hidden_dropout}
+        if spec.attention_dropout is not None:
+            overrides["attention_probs_dropout_prob"] = spec.attention_dropout
+        self.spec = spec
+        self.bert = BertModel.from_pretrained(
+            str(spec.checkpoint_dir), attn_implementation=spec.attn_implementation, dtype=torch.float32, **overrides
+        )
+        h = self.bert.config.hidden_size
+        self.drop = nn.Dropout(spec.hidden_dropout)
+        heads = {}
+        for task in spec.heads:
+            kind = {"para": spec.para_head, "sts": spec.sts_head}.get(task, "single")
+            if kind == "single":
+                heads[task] = nn.Linear(h, NUM_CLASSES[task])
+            elif kind == "pair":
+                heads[task] = nn.Linear(4 * h, 1)
+            elif task == "para":  # cosine
+                m = nn.Module()
+                m.scale = nn.Parameter(torch.tensor(5.0))
+                m.bias = nn.Parameter(torch.tensor(0.0))
+                heads[task] = m
+            else:  # sts cosine: no parameters
+                heads[task] = nn.Module()
+        self.heads = nn.ModuleDict(heads)
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+        if self.spec.pooling == "cls":
+            return out.pooler_output
+        m = mask.to(out.last_hidden_state.dtype)[..., None]
+        return (out.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def scores(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sst [B, 5] / cfimdb [B, 2] logits, para logit [B], sts score [B]."""
+        head = self.heads[task]
+        if task in SINGLE_TASKS:
+            return head(self.drop(self._embed(batch["input_ids"], batch["attention_mask"])))
+        ids = torch.cat([batch["input_ids_1"], batch["input_ids_2"]], 0)
+        mask = torch.cat([batch["attention_mask_1"], batch["attention_mask_2"]], 0)
+        u, v = self._embed(ids, mask).chunk(2, 0)
+        kind = self.spec.para_head if task == "para" else self.spec.sts_head
+        if kind == "cosine":
+            eps = 1e-8
+            norm = lambda x: (x * x).sum(-1).clamp_min(eps * eps).sqrt()  # = max(||x||, eps); zero grad at x = 0
+            cos = (u * v).sum(-1) / (norm(u) * norm(v))
+            return head.scale * cos + head.bias if task == "para" else 2.5 * (1.0 + cos)
+        feats = self.drop(torch.cat([u, v, (u - v).abs(), u * v], -1))
+        return head(feats)[:, 0]
+
+
+def task_loss(task: str, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked mean over valid rows of CE (sst, cfimdb) / BCE-with-logits (para) / MSE (sts)."""
+    labels, valid = batch["labels"], batch["valid"]
+    if task in SINGLE_TASKS:
+        per_row = F.cross_entropy(scores, labels.long(), reduction="none")
+    elif task == "para":
+        per_row = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none")
+    else:
+        per_row = (scores - labels.float()) ** 2
+    return (per_row * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def pcgrad_combine(
+    task_grads: Sequence[Sequence[torch.Tensor]],
+    orders: Sequence[Sequence[int]] | None = None,
+    reduction: str = "sum",
+) -> tuple[list[torch.Tensor], int]:
+    """Naive PCGrad (Yu et al. 2020) over per-task gradient lists (same tensors order per task).
+
+    Each task's gradient is flattened into one vector ``g_i``; then for every task ``i``
+    ``g_i' = g_i`` and, for ``j`` in ``orders[i]`` (default ``0..T-1``; ``j == i`` is skipped), if
+    ``g_i' . g_j < 0`` and ``||g_j|| > 0``: ``g_i' -= (g_i' . g_j / ||g_j||^2) g_j`` (``g_j`` the
+    ORIGINAL gradient). Returns (the sum or mean of the ``g_i'`` split back into tensors, the number
+    of projections made).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    T = len(task_grads)
+    flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in task_grads]
+    projections = 0
+    total = torch.zeros_like(flat[0])
+    for i in range(T):
+        g = flat[i].clone()
+        for j in (range(T) if orders is None else orders[i]):
+            j = int(j)
+            if j == i:
+                continue
+            dot = torch.dot(g, flat[j])
+            nj = torch.dot(flat[j], flat[j])
+            if dot < 0 and nj > 0:
+                g = g - (dot / nj) * flat[j]
+                projections += 1
+        total = total + g
+    if reduction == "mean":
+        total = total / T
+    out, k = [], 0
+    for g in task_grads[0]:
+        out.append(total[k : k + g.numel()].view_as(g))
+        k += g.numel()
+    return out, projections
+
+
+class CS224NAdamW(torch.optim.Optimizer):
+    """The CS224N minBERT AdamW (`optimizer.py` of the course), float32, per step t from 1::
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        alpha_t = lr * sqrt(1 - b2^t) / (1 - b1^t)
+        p = p - alpha_t * m / (sqrt(v) + eps)       # eps on the UNcorrected sqrt(v)
+        p = p - lr * wd * p                         # decoupled decay, a separate subtraction
+
+    (the bias corrections are computed in float64 on the host).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                self.state[p]["t"] += 1
+            ts = {self.state[p]["t"] for p in params}
+            groups = [[p for p in params if self.state[p]["t"] == t] for t in sorted(ts)]
+            for ps in groups:  # one group unless parameters joined late; multi-tensor (foreach) kernels
+                t = self.state[ps[0]]["t"]
+                grads = [p.grad for p in ps]
+                ms = [self.state[p]["m"] for p in ps]
+                vs = [self.state[p]["v"] for p in ps]
+                torch._foreach_mul_(ms, b1)
+                torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+                torch._foreach_mul_(vs, b2)
+                torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+                alpha = lr * math.sqrt(-math.expm1(t * math.log(b2))) / -math.expm1(t * math.log(b1))
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, ms, denom, value=-alpha)
+                if wd:
+                    torch._foreach_sub_(ps, torch._foreach_mul(ps, lr * wd))
+        return None
+
+
+def to_torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy batch (int32 ids / masks, labels, valid) -> torch tensors (ids and masks as int64)."""
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.asarray(v))
+        out[k] = t.long() if k.startswith(("input_ids", "attention_mask")) else t
+    return out
+
+
+def make_torch_step(
+    model: TorchMultitask,
+    opt: torch.optim.Optimizer,
+    tasks: Sequence[str],
+    combine: str = "sum",
+    pcgrad_reduction: str = "sum",
+    pcgrad_orders: Callable[[int], Sequence[Sequence[int]] | None] | None = None,
+    grad_clip: float | None = None,
+) -> Callable[[dict[str, dict[str, np.ndarray]]], dict[str, float]]:
+    """A `step(batches) -> metrics` doing forward, backward, combine and the optimizer update.
+
+    `batches` maps every task in `tasks` to a numpy batch. Dropout is active when the model is in
+    train mode. ``combine``: "sum" | "mean" | "pcgrad". ``pcgrad_orders(step_index)`` may give the
+    task visiting order of every task (default: fixed order ``0..T-1``). After the call the applied
+    gradients are in ``p.grad``. Metrics: ``loss_<task>``, ``loss`` (sum), ``pcgrad_projections``.
+    """
+    if combine not in ("sum", "mean", "pcgrad"):
+        raise ValueError(f"combine must be sum, mean or pcgrad, got {combine!r}")
+    shared = [p for p in model.bert.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    counter = {"step": 0}
+
+    def step(batches: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        tb = {t: to_torch_batch(batches[t]) for t in tasks}
+        metrics: dict[str, float] = {}
+        if combine in ("sum", "mean"):
+            losses = {t: task_loss(t, model.scores(t, tb[t]), tb[t]) for t in tasks}
+            total = sum(losses.values())
+            (total / len(tasks) if combine == "mean" else total).backward()
+        else:
+            losses, per_task = {}, []
+            for t in tasks:
+                losses[t] = task_loss(t, model.scores(t, tb[t]), tb[t])
+                head = [p for p in model.heads[t].parameters() if p.requires_grad]
+                grads = torch.autograd.grad(losses[t], shared + head, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared + head, grads)]
+                per_task.append(grads[: len(shared)])
+                for p, g in zip(head, grads[len(shared):]):
+                    p.grad = g if p.grad is None else p.grad + g
+            orders = None if pcgrad_orders is None else pcgrad_orders(counter["step"])
+            combined, n_proj = pcgrad_combine(per_task, orders, pcgrad_reduction)
+            for p, g in zip(shared, combined):
+                p.grad = g
+            metrics["pcgrad_projections"] = float(n_proj)
+        for p in trainable:  # as in JAX, every trainable parameter gets an update (zero grad: decay only)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        opt.step()
+        counter["step"] += 1
+        metrics.update({f"loss_{t}": float(l.detach()) for t, l in losses.items()})
+        metrics["loss"] = float(sum(l.detach() for l in losses.values()))
+        return metrics
+
+    return step
+
+
+# ------------------------------------------------------------------------------ JAX <-> torch params
+
+
+def _bert_names(jax_bert_tree: dict) -> list[tuple[tuple[str, ...], str, bool]]:
+    """(JAX path, torch BertModel name, transpose?) for every leaf of the JAX encoder tree."""
+    from flax.traverse_util import flatten_dict
+
+    from bert_jax.convert import jax_to_hf_name
+
+    return [(path, *jax_to_hf_name(path)) for path in flatten_dict(jax_bert_tree)]
+
+
+def _head_names(model: TorchMultitask) -> list[tuple[tuple[str, ...], str, bool]]:
+    out = []
+    for task, head in model.heads.items():
+        if isinstance(head, nn.Linear):
+            out += [(("heads", task, "kernel"), f"heads.{task}.weight", True), (("heads", task, "bias"), f"heads.{task}.bias", False)]
+        else:
+            out += [(("heads", task, n), f"heads.{task}.{n}", False) for n, _ in head.named_parameters()]
+    return out
+
+
+def _mapping(model: TorchMultitask, jax_bert_tree: dict) -> list[tuple[tuple[str, ...], str, bool]]:
+    bert = [(("bert",) + path, f"bert.{name}", tr) for path, name, tr in _bert_names(jax_bert_tree)]
+    return bert + _head_names(model)
+
+
+@torch.no_grad()
+def load_jax_params(model: TorchMultitask, params: dict) -> None:
+    """Copy a JAX tree ``{"bert": ..., "heads": ...}`` into the torch model (every parameter must be covered)."""
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(params)
+    named = dict(model.named_parameters())
+    covered = set()
+    for path, name, transpose in _mapping(model, params["bert"]):
+        value = np.asarray(flat[path], dtype=np.float32)
+        value = value.T if transpose else value
+        if tuple(named[name].shape) != value.shape:
+            raise ValueError(f"{name}: torch shape {tuple(named[name].shape)} != JAX {value.shape} ({'/'.join(path)})")
+        named[name].copy_(torch.from_numpy(np.array(value, dtype=np.float32, order="C")))
+        covered.add(name)
+    missing = sorted(set(named) - covered)
+    if missing:
+        raise ValueError(f"torch parameters not covered by the JAX tree: {missing}")
+
+
+def to_jax_tree(model: TorchMultitask, jax_bert_tree: dict, what: str = "param") -> dict:
+    """The torch model's params (``what="param"``) or grads (``"grad"``) as a numpy tree in the JAX layout."""
+    from flax.traverse_util import unflatten_dict
+
+    named = dict(model.named_parameters())
+    flat = {}
+    for path, name, transpose in _mapping(model, jax_bert_tree):
+        t = named[name] if what == "param" else named[name].grad
+        value = np.zeros(tuple(named[name].shape), np.float32) if t is None else t.detach().numpy().astype(np.float32)
+        flat[path] = value.T if transpose else value
+    tree = unflatten_dict(flat)
+    for task, head in model.heads.items():  # parameter-less heads (sts cosine) are {} in JAX
+        tree.setdefault("heads", {}).setdefault(task, {})
+    return tree
+
+
+def build_model(
+    checkpoint: str | Path,
+    tasks: Sequence[str] = ("sst", "para", "sts"),
+    *,
+    pooling: str = "cls",
+    para_head: str = "pair",
+    sts_head: str = "pair",
+    hidden_dropout: float = 0.3,
+    attention_dropout: float | None = None,
+    attn_implementation: str = "sdpa",
+    jax_params: dict | None = None,
+) -> TorchMultitask:
+    """The torch model from `checkpoint` ("embedded" or a HF BERT directory), optionally with JAX params copied in."""
+    from bert_jax.convert import resolve_checkpoint
+
+    spec = TorchSpec(str(resolve_checkpoint(checkpoint)), tuple(tasks), pooling, para_head, sts_head,
+                     hidden_dropout, attention_dropout, attn_implementation)
+    model = TorchMultitask(spec)
+    if jax_params is not None:
+        load_jax_params(model, jax_params)
+    return model

@@ -1,0 +1,188 @@
+"""The PyTorch baseline (scripts/torch_baseline.py) against the JAX train step: same weights, same batches.
+
+Dropout is off in both (hidden and attention rate 0) so both steps are deterministic. The JAX step does
+not return gradients; after one step its CS224N-Adam first moment is ``mu = (1 - b1) g`` (zero init), so
+``g = mu / (1 - b1)`` is exactly the gradient the step applied. The learning rate is large (1e-3) so
+that the one-step parameter comparison (1e-5) would catch a wrong update (updates are ~1e-3).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from scripts import torch_baseline as tb
+from tests.conftest import TINY, assert_tree_allclose
+from train.config import TrainConfig
+from train.step import init_model, init_state, make_train_step, optimizer
+
+TASKS = ("sst", "para", "sts")
+B, L = 4, 11
+
+
+def _ids(rng, lengths):
+    mask = (np.arange(L)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids = rng.integers(5, TINY["vocab_size"], size=(len(lengths), L)).astype(np.int32)
+    ids[:, 0] = 2  # [CLS]
+    ids[np.arange(len(lengths)), np.asarray(lengths) - 1] = 3  # [SEP]
+    return ids * mask, mask
+
+
+def _batches(seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """One padded batch per task; the last row of each is a padding row (valid 0) with a label that would count."""
+    rng = np.random.default_rng(seed)
+    valid = np.array([1, 1, 1, 0], np.float32)
+    ids, mask = _ids(rng, [L, 7, 3, 5])
+    out = {"sst": {"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 4, 2, 1], np.int32), "valid": valid}}
+    for task, labels in (("para", np.array([0, 1, 0, 1], np.float32)), ("sts", np.array([4.2, 0.4, 2.0, 5.0], np.float32))):
+        i1, m1 = _ids(rng, [6, L, 4, 9])
+        i2, m2 = _ids(rng, [L, 3, 8, 2])
+        out[task] = {"input_ids_1": i1, "attention_mask_1": m1, "input_ids_2": i2, "attention_mask_2": m2,
+                     "labels": labels, "valid": valid}
+    return out
+
+
+def _check_no_near_ties(model, batches):
+    """The pair head's |u - v| has a kink at u = v: where an element of u - v is within float noise
+    (~1e-7) of 0, the two frameworks may legitimately take opposite subgradients. The batches used
+    here keep every |u - v| element above 1e-6 (checked, so a change of fixture cannot hide it)."""
+    for t in ("para", "sts"):
+        b = tb.to_torch_batch(batches[t])
+        with torch.no_grad():
+            u = model._embed(b["input_ids_1"], b["attention_mask_1"])
+            v = model._embed(b["input_ids_2"], b["attention_mask_2"])
+        gap = float((u - v).abs().min())
+        assert gap > 1e-6, f"{t}: |u - v| element {gap:.1e} too close to the kink; pick another batch seed"
+
+
+def _adam_mu(opt_state):
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+              if isinstance(s, optax.ScaleByAdamState)]
+    assert len(states) == 1
+    return states[0].mu
+
+
+def _cfg(ckpt, combine: str, **kw) -> TrainConfig:
+    return TrainConfig(checkpoint=str(ckpt), tasks=TASKS, combine=combine, hidden_dropout=0.0, attention_dropout=0.0,
+                       lr=1e-3, weight_decay=0.01, **kw)
+
+
+def _torch(ckpt, cfg: TrainConfig, params_np, attn: str = "eager"):
+    hc = cfg.heads
+    model = tb.build_model(ckpt, hc.heads, pooling=hc.pooling, para_head=hc.para_head, sts_head=hc.sts_head,
+                           hidden_dropout=0.0, attention_dropout=0.0, attn_implementation=attn, jax_params=params_np)
+    opt = tb.CS224NAdamW(model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return model, opt
+
+
+def _jax_pcgrad_orders(dropout_key, step: int, T: int) -> list[list[int]]:
+    """The task orders `train.step` gives PCGrad at `step` (its key derivation, see make_train_step)."""
+    key = jax.random.fold_in(jax.random.fold_in(dropout_key, step), 1_000_003)
+    return [[int(j) for j in jax.random.permutation(jax.random.fold_in(key, i), T)] for i in range(T)]
+
+
+def _is_fixed(orders) -> bool:
+    return all([j for j in o if j != i] == [j for j in range(len(orders)) if j != i] for i, o in enumerate(orders))
+
+
+def _compare(ckpt, cfg, params_np, state, metrics, model, t_metrics):
+    for t in TASKS:
+        assert abs(float(metrics[f"loss_{t}"]) - t_metrics[f"loss_{t}"]) <= 1e-5, (t, metrics, t_metrics)
+    jax_grads = jax.tree.map(lambda m: np.asarray(m) / (1.0 - cfg.b1), _adam_mu(state.opt_state))
+    torch_grads = tb.to_jax_tree(model, params_np["bert"], "grad")
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(torch_grads["bert"])) > 1e-3  # non-trivial
+    assert_tree_allclose(jax_grads, torch_grads, atol=1e-4)
+    # one full CS224N AdamW step (lr 1e-3, wd 0.01): same parameters
+    moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params_np)))
+    assert moved > 1e-4
+    assert_tree_allclose(jax.tree.map(np.asarray, state.params), tb.to_jax_tree(model, params_np["bert"], "param"), atol=1e-5)
+    return jax_grads
+
+
+def test_summed_step_matches_jax(tiny_bert_dir):
+    cfg = _cfg(tiny_bert_dir, "sum")
+    spec, params = init_model(cfg, jax.random.key(3))
+    params_np = jax.tree.map(np.array, params)  # the step donates its state
+    model, opt = _torch(tiny_bert_dir, cfg, params_np)
+    batches = _batches(seed=4)
+    _check_no_near_ties(model, batches)
+    step = make_train_step(spec, optimizer(cfg), cfg.tasks, "sum", "sum", True)
+    state, metrics = step(init_state(params, optimizer(cfg)), batches, jax.random.key(11))
+    t_metrics = tb.make_torch_step(model, opt, cfg.tasks, "sum")(batches)
+    _compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics)
+
+
+def test_pcgrad_step_matches_jax_fixed_and_shuffled_order(tiny_bert_dir):
+    """The JAX step draws PCGrad's task orders from its dropout key: with a key whose orders are the
+    fixed order 0..T-1 it is fixed-order PCGrad, matched by the torch loop's default order; with a key
+    giving other orders, torch is handed those orders. The two results differ (the order matters here)."""
+    cfg = _cfg(tiny_bert_dir, "pcgrad")
+    spec, params = init_model(cfg, jax.random.key(3))
+    params_np = jax.tree.map(np.array, params)
+    batches = _batches(seed=4)
+    step = make_train_step(spec, optimizer(cfg), cfg.tasks, "pcgrad", "sum", True)
+    keys = [jax.random.key(s) for s in range(64)]
+    fixed = next(k for k in keys if _is_fixed(_jax_pcgrad_orders(k, 0, 3)))
+    shuffled = next(k for k in keys if _jax_pcgrad_orders(k, 0, 3)[1] == [2, 1, 0])  # para visits sts first
+    results = []
+    for key, orders in ((fixed, None), (shuffled, _jax_pcgrad_orders(shuffled, 0, 3))):
+        model, opt = _torch(tiny_bert_dir, cfg, params_np)
+        _check_no_near_ties(model, batches)
+        state, metrics = step(init_state(jax.tree.map(jnp.asarray, params_np), optimizer(cfg)), batches, key)
+        t_metrics = tb.make_torch_step(model, opt, cfg.tasks, "pcgrad", "sum", pcgrad_orders=lambda s: orders)(batches)
+        assert t_metrics["pcgrad_projections"] >= 2  # para conflicts with sst and sts
+        results.append(_compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+    assert diff > 1e-4, diff
+
+
+def test_mean_pooling_and_cosine_heads_match(tiny_bert_dir):
+    """pooling=mean, cosine para/sts heads (para has scale/bias params), sdpa attention: the summed step."""
+    from train.heads import HeadConfig
+
+    hc = HeadConfig(pooling="mean", para_head="cosine", sts_head="cosine")
+    cfg = _cfg(tiny_bert_dir, "sum", heads=hc)
+    spec, params = init_model(cfg, jax.random.key(3))
+    params_np = jax.tree.map(np.array, params)
+    model, opt = _torch(tiny_bert_dir, cfg, params_np, attn="sdpa")
+    batches = _batches(seed=2)
+    step = make_train_step(spec, optimizer(cfg), cfg.tasks, "sum", "sum", True)
+    state, metrics = step(init_state(params, optimizer(cfg)), batches, jax.random.key(0))
+    t_metrics = tb.make_torch_step(model, opt, TASKS, "sum")(batches)
+    _compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics)
+
+
+def test_pcgrad_combine_hand_computed():
+    """Two conflicting 2-d gradients, projections by hand: g1=(1,0), g2=(-1,1)."""
+    g1, g2 = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]
+    out, n = tb.pcgrad_combine([g1, g2])
+    # g1' = g1 - (-1/2) g2 = (0.5, 0.5); g2' = g2 - (-1/1) g1 = (0, 1); sum = (0.5, 1.5)
+    assert n == 2
+    np.testing.assert_allclose(out[0].numpy(), [0.5, 1.5], atol=1e-7)
+    out, _ = tb.pcgrad_combine([g1, g2], reduction="mean")
+    np.testing.assert_allclose(out[0].numpy(), [0.25, 0.75], atol=1e-7)
+    out, n = tb.pcgrad_combine([[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]])  # orthogonal: none
+    assert n == 0
+
+
+def test_cs224n_adamw_matches_reference_formula():
+    """Three steps of the torch optimizer vs the course update written out in numpy float64."""
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(3, 2)).astype(np.float32)
+    grads = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(3)]
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = tb.CS224NAdamW([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    ref, m, v = p0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        p.grad = torch.from_numpy(g)
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        alpha = 1e-2 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        ref = ref - alpha * m / (np.sqrt(v) + 1e-6)
+        ref = ref - 1e-2 * 0.1 * ref
+    np.testing.assert_allclose(p.detach().numpy(), ref, atol=1e-6)

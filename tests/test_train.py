@@ -1,0 +1,307 @@
+"""Training end to end on a tiny random BERT (real vocab) and tiny CS224N-format data.
+
+- the jitted multitask step overfits one fixed batch for combine = sum, mean and pcgrad;
+- single-task training: "pretrain" (encoder frozen) vs "finetune", and a one-task multitask model;
+- the `bert-jax` CLI: train (+ --resume), evaluate, predict (leaderboard files, --task/--input,
+  --scores) and the exit-2 user errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import bert_jax
+from scripts.cli import main as cli_main
+from train import data as D
+from train.config import TrainConfig
+from train.heads import task_scores
+from train.metrics import overall
+from train.step import init_model, init_state, make_train_step, optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS3 = ("sst", "para", "sts")
+
+
+# ------------------------------------------------------------------------------------ the jitted step
+
+@pytest.fixture(scope="module")
+def fixed_batches(tiny_vocab_bert_dir, tiny_data_dir) -> dict[str, dict[str, np.ndarray]]:
+    """The first 4 training examples of every task, as one [4, 32] batch each."""
+    tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+    out = {}
+    for t in ("sst", "para", "sts"):
+        enc = D.encode_task(D.load_task(tiny_data_dir, t, "train"), tok, 32)
+        out[t] = D.make_batch(enc, np.arange(4), 4, (32,))
+        assert out[t]["valid"].sum() == 4
+    assert len(set(out["sst"]["labels"].tolist())) > 1  # something to learn
+    return out
+
+
+def _cfg(ckpt: Path, **kw) -> TrainConfig:
+    """No dropout anywhere, so the step's reported losses are the deterministic losses of its input params."""
+    return TrainConfig(**{"checkpoint": str(ckpt), "hidden_dropout": 0.0, "attention_dropout": 0.0, "lr": 3e-3, **kw})
+
+
+def _train(cfg: TrainConfig, batches: dict, steps: int):
+    """(initial params as numpy, final params, per-step metrics as floats)."""
+    spec, params = init_model(cfg, jax.random.key(0))
+    before = jax.tree.map(np.array, params)  # a copy: the step donates its input state
+    tx = optimizer(cfg)
+    state = init_state(params, tx)
+    step = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune)
+    task_batches = {t: batches[t] for t in cfg.tasks}
+    history = []
+    for _ in range(steps):
+        state, m = step(state, task_batches, jax.random.key(1))
+        history.append(m)
+    assert int(state.step) == steps
+    return before, jax.tree.map(np.asarray, state.params), [{k: float(v) for k, v in m.items()} for m in history]
+
+
+@pytest.fixture(scope="module")
+def overfit(tiny_vocab_bert_dir, fixed_batches):
+    """combine -> history of 100 steps at lr 3e-3 on the fixed batch (memoised: each costs one compile)."""
+    runs: dict[str, list[dict]] = {}
+
+    def get(combine: str) -> list[dict]:
+        if combine not in runs:
+            runs[combine] = _train(_cfg(tiny_vocab_bert_dir, combine=combine), fixed_batches, 100)[2]
+        return runs[combine]
+
+    return get
+
+
+@pytest.mark.parametrize("combine", ["sum", "mean", "pcgrad"])
+def test_tiny_bert_overfits_a_tiny_batch(overfit, combine):
+    history = overfit(combine)
+    first, last = history[0], history[-1]
+    assert set(first) == {"loss", "loss_sst", "loss_para", "loss_sts", "grad_norm"}
+    # untrained: chance-level losses (CE ~ log 5, BCE ~ log 2); STS MSE of 0..5 labels vs ~0 predictions
+    assert first["loss_sst"] == pytest.approx(np.log(5), abs=0.1)
+    assert first["loss_para"] == pytest.approx(np.log(2), abs=0.05)
+    for h in history:
+        assert np.isfinite(list(h.values())).all()
+        assert h["loss"] == pytest.approx(h["loss_sst"] + h["loss_para"] + h["loss_sts"], rel=1e-5)
+    for t in TASKS3:
+        assert last[f"loss_{t}"] < 0.25 * first[f"loss_{t}"], (combine, t, first[f"loss_{t}"], last[f"loss_{t}"])
+
+
+def test_mean_is_the_sum_over_the_task_count(overfit):
+    """At the first step (same params, same batch) the `mean` gradient is exactly the `sum` one / 3."""
+    s, m = overfit("sum")[0], overfit("mean")[0]
+    assert m["loss"] == pytest.approx(s["loss"], rel=1e-6)  # `loss` reports the sum of the task losses
+    assert m["grad_norm"] == pytest.approx(s["grad_norm"] / 3, rel=1e-5)
+
+
+def _changed(a, b, skip_key_bias: bool = False) -> list[bool]:
+    """Per leaf: did it change? `skip_key_bias` leaves out the attention key biases, whose gradient is
+    exactly zero (softmax is invariant to adding q·b_k to every logit of a query's row)."""
+    return [not np.array_equal(x, y) for (path, x), y in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b))
+            if not (skip_key_bias and "'key']['bias'" in jax.tree_util.keystr(path))]
+
+
+@pytest.mark.parametrize("finetune", [False, True], ids=["pretrain", "finetune"])
+def test_single_task_pretrain_and_finetune(tiny_vocab_bert_dir, fixed_batches, finetune):
+    cfg = _cfg(tiny_vocab_bert_dir, tasks=("sst",), finetune=finetune)
+    before, after, history = _train(cfg, fixed_batches, 6)
+    assert set(history[0]) == {"loss", "loss_sst", "grad_norm"}
+    assert history[-1]["loss_sst"] < history[0]["loss_sst"]
+    # the trained head moved (both kernel and bias); heads of untrained tasks are untouched
+    assert all(_changed(before["heads"]["sst"], after["heads"]["sst"]))
+    for t in ("para", "sts"):
+        assert not any(_changed(before["heads"][t], after["heads"][t])), t
+    enc_changed = _changed(before["bert"], after["bert"], skip_key_bias=finetune)
+    if finetune:
+        assert all(enc_changed), "every encoder tensor gets a gradient and moves"
+    else:
+        assert not any(enc_changed), "pretrain: encoder params must stay bit-identical"
+
+
+def test_one_task_multitask_classifier(tiny_vocab_bert_dir, fixed_batches):
+    """tasks=("sts",) with PCGrad (one task: no projection) trains STS; the model still scores every task."""
+    cfg = _cfg(tiny_vocab_bert_dir, tasks=("sts",), combine="pcgrad")
+    assert cfg.heads.heads == ("sst", "para", "sts")
+    before, after, history = _train(cfg, fixed_batches, 40)
+    assert set(history[0]) == {"loss", "loss_sts", "grad_norm"}
+    assert history[-1]["loss_sts"] < 0.25 * history[0]["loss_sts"]
+    assert all(_changed(before["bert"], after["bert"], skip_key_bias=True))
+    spec, _ = init_model(cfg, jax.random.key(0))
+    sst = task_scores(after, spec.bert, spec.heads, "sst", fixed_batches["sst"])
+    assert sst.shape == (4, 5) and np.isfinite(np.asarray(sst)).all()
+
+
+# ------------------------------------------------------------------------------------- the CLI
+
+def _bert_jax(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("bert-jax")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "scripts.cli"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_vocab_bert_dir, tiny_data_dir):
+    """One tiny run shared by the CLI tests: `train --steps 2`, then `train --resume --steps 4`."""
+    root = tmp_path_factory.mktemp("cli")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),  # the 2nd process reuses the 1st's compiles
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    run = root / "run"
+    common = ["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(tiny_data_dir),
+              "--out", str(run), "--quiet"]
+    first = _bert_jax(common + ["--steps", "2"], env)
+    assert first.returncode == 0, first.stderr
+    metrics_after_first = (run / "metrics.jsonl").read_text()
+    second = _bert_jax(common + ["--steps", "4", "--resume"], env)
+    assert second.returncode == 0, second.stderr
+    return SimpleNamespace(dir=run, root=root, env=env, data=tiny_data_dir, first=_last_json(first.stdout),
+                           second=_last_json(second.stdout), metrics_after_first=metrics_after_first)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_the_run_directory(cli_run, tiny_vocab_bert_dir):
+    run = cli_run.dir
+    for name in ("config.yaml", "bert_config.json", "vocab.txt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg == TrainConfig.from_dict({**TrainConfig().to_dict(), "epochs": 1, "epoch_policy": 4, "batch_size": 4,
+                                         "max_len": 32, "buckets": [16, 32], "train_limit": 64, "dev_limit": 32,
+                                         "checkpoint": str(tiny_vocab_bert_dir), "max_steps": 4})
+    assert (run / "vocab.txt").read_bytes() == (tiny_vocab_bert_dir / "vocab.txt").read_bytes()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert len([p for p in (run / "best").iterdir() if p.name.isdigit()]) == 1
+    records = _records(run)
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert set(TASKS3) <= set(r) and r["overall"] == pytest.approx(overall(r["sst"], r["para"], r["sts"]))
+        assert -1 <= r["sts"] <= 1 and 0 <= r["sst"] <= 1 and 0 <= r["para"] <= 1
+    assert records[0]["best"] is True
+    assert cli_run.first["step"] == 2 and cli_run.first["stopped"] is False
+    assert cli_run.second["step"] == 4 and cli_run.second["stopped"] is False
+    assert cli_run.second["best_overall"] == max(r["overall"] for r in records)
+
+
+def test_cli_resume_continues_from_the_checkpoint(cli_run):
+    """The resumed process started at step 2: it kept the step-2 evaluation (a restart from step 0 would
+    rewind metrics.jsonl to nothing) and only appended the step-4 one."""
+    text = (cli_run.dir / "metrics.jsonl").read_text()
+    assert text.startswith(cli_run.metrics_after_first) and cli_run.metrics_after_first.count("\n") == 1
+    at2, at4 = _records(cli_run.dir)
+    assert at4["best"] is (at4["overall"] > at2["overall"])  # the best-so-far was restored, not reset to -inf
+
+
+def test_cli_train_refuses_to_overwrite_a_run(cli_run, tiny_vocab_bert_dir, capsys):
+    listing = sorted(p.name for p in (cli_run.dir / "checkpoints").iterdir())
+    rc = cli_main(["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(cli_run.data),
+                   "--out", str(cli_run.dir), "--quiet"])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (cli_run.dir / "checkpoints").iterdir()) == listing
+
+
+def test_cli_evaluate_prints_the_best_metrics(cli_run, capsys):
+    assert cli_main(["evaluate", str(cli_run.dir), "--split", "dev", "--data-dir", str(cli_run.data)]) == 0
+    out = _last_json(capsys.readouterr().out)
+    best = [r for r in _records(cli_run.dir) if r["best"]][-1]
+    assert out["split"] == "dev"
+    for k in (*TASKS3, "overall"):
+        assert out[k] == pytest.approx(best[k], abs=1e-6), k
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _leaderboard(path: Path) -> tuple[str, list[tuple[str, str]]]:
+    lines = path.read_text().split("\n")
+    assert lines[-1] == ""  # every line, the last included, ends with "\n"
+    rows = []
+    for line in lines[1:-1]:
+        assert line.endswith(" ") and line.count(" , ") == 1, repr(line)
+        i, v = line[:-1].split(" , ")
+        rows.append((i, v))
+    return lines[0], rows
+
+
+@pytest.fixture(scope="module")
+def cli_pred(cli_run):
+    """`predict RUN --split test --out DIR --scores S.npz` on the shared run."""
+    out, npz = cli_run.root / "pred", cli_run.root / "scores.npz"
+    rc = cli_main(["predict", str(cli_run.dir), "--split", "test", "--out", str(out), "--data-dir", str(cli_run.data),
+                   "--scores", str(npz)])
+    assert rc == 0
+    return SimpleNamespace(out=out, scores=dict(np.load(npz)))
+
+
+def test_cli_predict_writes_leaderboard_files(cli_run, cli_pred):
+    files = {"sst": ("ids-sst-test-student.csv", "sst-test-output.csv", "id \t Predicted_Sentiment "),
+             "para": ("quora-test-student.csv", "para-test-output.csv", "id \t Predicted_Is_Paraphrase "),
+             "sts": ("sts-test-student.csv", "sts-test-output.csv", "id \t Predicted_Similiary ")}
+    assert sorted(p.name for p in cli_pred.out.iterdir()) == sorted(f for _, f, _ in files.values())
+    for task, (src, name, header) in files.items():
+        ids = [r["id"] for r in _read_tsv(cli_run.data / src)]
+        assert len(ids) == 24
+        head, rows = _leaderboard(cli_pred.out / name)
+        assert head == header
+        assert [i for i, _ in rows] == ids  # one line per test row, in file order
+        assert cli_pred.scores[f"{task}_ids"].tolist() == ids
+        s = cli_pred.scores[f"{task}_scores"]
+        assert s.shape == ((len(ids), 5) if task == "sst" else (len(ids),))
+        values = [v for _, v in rows]
+        if task == "sst":
+            assert [int(v) for v in values] == s.argmax(-1).tolist()
+        elif task == "para":
+            assert [int(v) for v in values] == (s > 0).astype(int).tolist()
+        else:
+            np.testing.assert_allclose([float(v) for v in values], s, rtol=1e-6)
+
+
+def test_cli_predict_one_task_on_any_file(cli_run, cli_pred, capsys):
+    """`--task sts --input FILE`: the first 5 test rows, predicted alone, score as in the full-file run."""
+    src = (cli_run.data / "sts-test-student.csv").read_text().splitlines()
+    path = cli_run.root / "my-sts.csv"
+    path.write_text("\n".join(src[:6]) + "\n")
+    out, npz = cli_run.root / "pred-one", cli_run.root / "one.npz"
+    assert cli_main(["predict", str(cli_run.dir), "--task", "sts", "--input", str(path), "--out", str(out), "--scores", str(npz)]) == 0
+    assert [p.name for p in out.iterdir()] == ["sts-dev-output.csv"]
+    head, rows = _leaderboard(out / "sts-dev-output.csv")
+    assert head == "id \t Predicted_Similiary "
+    assert [i for i, _ in rows] == [r["id"] for r in _read_tsv(path)] == cli_pred.scores["sts_ids"][:5].tolist()
+    one = np.load(npz)["sts_scores"]
+    assert one.shape == (5,)
+    np.testing.assert_allclose(one, cli_pred.scores["sts_scores"][:5], atol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["predict", str(cli_run.dir), "--input", str(path), "--out", str(out)]) == 2
+    assert "--input needs --task" in capsys.readouterr().err
+
+
+def test_cli_user_errors_exit_2(tiny_vocab_bert_dir, tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    rc = cli_main(["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(missing),
+                   "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(missing.resolve()) in err and "does not exist" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    rc = cli_main(["evaluate", str(tmp_path / "no-run"), "--data-dir", str(missing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(tmp_path / "no-run") in err
+    rc = cli_main(["train", "--config", "tiny", "--data-dir", str(missing), "--out", str(tmp_path / "run"), "bogus_key=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bogus_key" in err
