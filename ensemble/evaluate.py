@@ -1,10 +1,10 @@
 """Scores of many runs on a split, one vmapped pass per group of same-architecture runs.
 
 `load_models` reads run directories; `group_models` stacks the runs that share an evaluation function
-(`stack.eval_spec`) and a tokenization (vocabulary, max_len); `model_scores` runs every group over the
-split's batches (one jitted call per batch and group) and returns `{task: [M, N, ...]}` over all M models,
-in the order given. `table_rows` turns compiled spec weights + those scores into per-member / per-node
-metrics.
+(`stack.eval_spec`) and a tokenization (vocabulary, max_len); `load_split` reads a split's task files;
+`model_scores` runs every group over those tasks' batches (one jitted call per batch and group) and
+returns `{task: [M, N, ...]}` over all M models, in the order given. `node_scores` / `table_rows` turn
+the compiled spec weights + those scores into per-member / per-node scores and metrics.
 """
 
 from __future__ import annotations

@@ -120,19 +120,52 @@ def spec_difference(a: ModelSpec, b: ModelSpec) -> str | None:
     return None
 
 
+# Member-rows x tokens per micro-batch of the CPU path (tuned on a 2-core x86 CPU with all-MiniLM-L6-v2:
+# ~2-3k keeps the activations cache-sized and the XLA temp buffers small; see `make_stacked_eval_fn`).
+CPU_CHUNK_TOKENS = 2560
+
+
+def rows_per_chunk(k: int, batch: int, tokens_per_row: int, chunk_tokens: int | None) -> int:
+    """Rows per micro-batch: the largest divisor r of `batch` with `k * r * tokens_per_row <= chunk_tokens` (>= 1)."""
+    if chunk_tokens is None:
+        return batch
+    fits = [r for r in range(1, batch + 1) if batch % r == 0 and k * r * tokens_per_row <= chunk_tokens]
+    return max(fits, default=1)
+
+
 @lru_cache(maxsize=32)
-def make_stacked_eval_fn(spec: ModelSpec) -> Callable[[Params, str, dict], jax.Array]:
+def make_stacked_eval_fn(spec: ModelSpec, chunk_tokens: int | None | str = "auto") -> Callable[[Params, str, dict], jax.Array]:
     """A jitted deterministic `scores(stacked_params, task, batch) -> [K, batch, ...]` (task static).
 
     `stacked_params` has a leading member axis K on every leaf; the batch (numpy or jax, `[B, L]` ids /
     masks as `train.data.make_batch` gives) is shared by all members. Per member the result equals
-    `task_scores(params_k, ...)`: sst `[K, B, 5]`, cfimdb `[K, B, 2]`, para / sts `[K, B]`. Cached per spec,
-    so equal specs share one jit cache.
+    `task_scores(params_k, ...)`: sst `[K, B, 5]`, cfimdb `[K, B, 2]`, para / sts `[K, B]`.
+
+    The members are `jax.vmap`ped. `chunk_tokens` (default "auto": `CPU_CHUNK_TOKENS` on the CPU backend,
+    None elsewhere) splits the batch rows into micro-batches of r rows (`rows_per_chunk`: K * r * tokens
+    per row <= chunk_tokens), run by a `lax.map` inside the same jitted call. On CPU the un-chunked
+    vmapped program is slower than K sequential calls (its [K, B*L, ...] activations need K times the
+    memory: page faults on fresh >32 MB buffers, cache misses); micro-batches reuse one small buffer
+    set. Cached per (spec, chunk_tokens), so equal specs share one jit cache.
     """
+    if chunk_tokens == "auto":
+        chunk_tokens = CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None
+
+    def vmapped(stacked: Params, task: str, batch: dict) -> jax.Array:
+        return jax.vmap(lambda p: task_scores(p, spec.bert, spec.heads, task, batch, None))(stacked)
 
     @partial(jax.jit, static_argnums=(1,))
     def scores(stacked: Params, task: str, batch: dict) -> jax.Array:
-        return jax.vmap(lambda p: task_scores(p, spec.bert, spec.heads, task, batch, None))(stacked)
+        k = jax.tree.leaves(stacked)[0].shape[0]
+        ids = batch["input_ids"] if "input_ids" in batch else batch["input_ids_1"]
+        b, length = ids.shape
+        r = rows_per_chunk(k, b, length * (1 if "input_ids" in batch else 2), chunk_tokens)
+        if r == b:
+            return vmapped(stacked, task, batch)
+        chunks = jax.tree.map(lambda x: x.reshape(b // r, r, *x.shape[1:]), batch)
+        out = jax.lax.map(lambda c: vmapped(stacked, task, c), chunks)  # [B/r, K, r, ...]
+        out = jnp.moveaxis(out, 0, 1)
+        return out.reshape(k, b, *out.shape[3:])
 
     return scores
 

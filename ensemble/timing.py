@@ -4,6 +4,8 @@ Both arms score the same device-resident batches with the same params; both use 
 executables (one per distinct batch shape), so compilation is timed separately and never inside a
 repetition. After one warm-up pass of each arm, repetitions alternate A/B (ABBA order) and medians are
 reported. Used by `bert-jax bench --what ensemble`.
+
+Measure with the machine otherwise idle: on a shared CPU the wall times follow the other processes' load.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 
 import bert_jax
-from ensemble.stack import make_stacked_eval_fn, stack
+from ensemble.stack import CPU_CHUNK_TOKENS, make_stacked_eval_fn, stack
 from train import data as D
 from train.heads import HeadConfig, init_heads
 from train.step import ModelSpec, make_eval_fn
@@ -69,13 +71,17 @@ def time_ensemble(
     max_len: int = 64,
     buckets: Sequence[int] = (16, 32, 64),
     seed: int = 0,
+    chunk_tokens: int | None | str = "auto",
+    include_unchunked: bool = False,
 ) -> dict[str, Any]:
     """Dev-evaluation wall time of K members: vmapped (A) vs one after another (B).
 
     Members are the checkpoint's encoder with differently seeded random heads (the cost does not depend
     on the values). Returns medians and spreads in seconds per full pass over the batches, `a_over_b`,
     `compile_s` (A's ahead-of-time compile of all batch shapes; `compile_b_s` likewise for B),
-    `max_abs_diff` between the two arms' scores, the data used and the device.
+    `max_abs_diff` between the two arms' scores, the data used and the device. A uses
+    `make_stacked_eval_fn(spec, chunk_tokens)`; with `include_unchunked` a third arm C (plain vmap, no
+    micro-batches) is interleaved too (`c_median_s`, `c_over_b`).
     """
     if k < 1 or reps < 1:
         raise ValueError(f"k and reps must be >= 1, got k={k}, reps={reps}")
@@ -88,22 +94,24 @@ def time_ensemble(
     host_batches, data_desc = _batches(checkpoint, tasks, n_examples, batch_size, max_len, buckets, data_dir, seed)
     batches = [(t, jax.device_put({k_: v for k_, v in b.items() if k_ not in ("labels", "valid")})) for t, b in host_batches]
 
-    eval_a, eval_b = make_stacked_eval_fn(spec), make_eval_fn(spec)
-    exe_a: dict[tuple, Any] = {}
-    exe_b: dict[tuple, Any] = {}
-    t0 = time.perf_counter()
-    for t, b in batches:
-        if _signature(t, b) not in exe_a:
-            exe_a[_signature(t, b)] = eval_a.lower(stacked, t, b).compile()
-    compile_a = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for t, b in batches:
-        if _signature(t, b) not in exe_b:
-            exe_b[_signature(t, b)] = eval_b.lower(members[0], t, b).compile()
-    compile_b = time.perf_counter() - t0
+    def compile_all(fn, params) -> tuple[dict[tuple, Any], float]:
+        exe: dict[tuple, Any] = {}
+        t0 = time.perf_counter()
+        for t, b in batches:
+            if _signature(t, b) not in exe:
+                exe[_signature(t, b)] = fn.lower(params, t, b).compile()
+        return exe, time.perf_counter() - t0
+
+    exe_a, compile_a = compile_all(make_stacked_eval_fn(spec, chunk_tokens), stacked)
+    exe_b, compile_b = compile_all(make_eval_fn(spec), members[0])
+    exe_c, compile_c = compile_all(make_stacked_eval_fn(spec, None), stacked) if include_unchunked else ({}, 0.0)
 
     def run_a() -> list:
         outs = [exe_a[_signature(t, b)](stacked, b) for t, b in batches]
+        return jax.block_until_ready(outs)
+
+    def run_c() -> list:
+        outs = [exe_c[_signature(t, b)](stacked, b) for t, b in batches]
         return jax.block_until_ready(outs)
 
     def run_b() -> list:
@@ -120,13 +128,22 @@ def time_ensemble(
                for i in range(k) for j in range(len(batches)))
     del out_a, out_b
 
-    times: dict[str, list[float]] = {"a": [], "b": []}
+    arms = "abc" if include_unchunked else "ab"
+    if include_unchunked:
+        run_c()  # warm-up
+    runs = {"a": run_a, "b": run_b, "c": run_c}
+    times: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(reps):
-        for arm in ("ab" if r % 2 == 0 else "ba"):
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
             t0 = time.perf_counter()
-            (run_a if arm == "a" else run_b)()
+            runs[arm]()
             times[arm].append(time.perf_counter() - t0)
     a_med, b_med = statistics.median(times["a"]), statistics.median(times["b"])
+    extra: dict[str, Any] = {}
+    if include_unchunked:
+        c_med = statistics.median(times["c"])
+        extra = {"c": f"vmapped ensemble of {k}, no micro-batches", "c_median_s": c_med, "c_over_b": c_med / b_med,
+                 "c_times_s": times["c"], "compile_c_s": compile_c}
     dev = jax.devices()[0]
     return {
         "what": "ensemble", "a": f"vmapped ensemble of {k}", "b": f"{k} members one after another",
@@ -137,6 +154,7 @@ def time_ensemble(
         "a_times_s": times["a"], "b_times_s": times["b"],
         "a_spread_s": max(times["a"]) - min(times["a"]), "b_spread_s": max(times["b"]) - min(times["b"]),
         "compile_s": compile_a, "compile_b_s": compile_b, "warmup_a_s": warm_a, "warmup_b_s": warm_b,
-        "max_abs_diff": diff,
+        "max_abs_diff": diff, "chunk_tokens": chunk_tokens if chunk_tokens != "auto" else (
+            CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None), **extra,
         "device": f"{dev.platform}:{dev.device_kind}", "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }

@@ -110,7 +110,7 @@ def main() -> int:
             losses.append(float(m["loss"]))
         fn = step.jitted["fn"]
         lowered = fn.lower(state, {t: dp.put_batch(bt) for t, bt in data[0].items()}, dp.put(key, dp.replicated))
-        compiled = lowered.compile()
+        compiled = lowered.compile()  # cached: the step above compiled it
         hlo = compiled.as_text()
         _, batch_sh, _ = compiled.input_shardings[0]
         ids = dp.put_batch(data[0]["sst"])["input_ids"]

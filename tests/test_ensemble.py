@@ -18,7 +18,7 @@ import yaml
 from ensemble.evaluate import group_models, load_models
 from ensemble.soup import check_compatible, greedy_soup, uniform_soup
 from ensemble.spec import TASKS, SpecError, combine, compile_weights, load_spec, naive_scores, parse_spec
-from ensemble.stack import StructureError, make_stacked_eval_fn, stack, unstack
+from ensemble.stack import StructureError, make_stacked_eval_fn, rows_per_chunk, stack, unstack
 from scripts.cli import main
 from tests.conftest import assert_tree_allclose
 from train import data as D
@@ -112,18 +112,27 @@ def _batches(tiny_data_dir, ckpt, max_len=32):
     return out
 
 
-def test_vmapped_scores_equal_per_member_scores(loaded, tiny_data_dir, tiny_vocab_bert_dir):
+@pytest.mark.parametrize("chunk_tokens", [None, 200])  # 200: micro-batches of 2 rows (lax.map path)
+def test_vmapped_scores_equal_per_member_scores(loaded, tiny_data_dir, tiny_vocab_bert_dir, chunk_tokens):
     names = ["r0", "r1", "r2"]
     spec = loaded["r0"][1]
     trees = [loaded[n][2] for n in names]
     stacked, batches = stack(trees), _batches(tiny_data_dir, tiny_vocab_bert_dir)
-    vm, single = make_stacked_eval_fn(spec), make_eval_fn(spec)
+    vm, single = make_stacked_eval_fn(spec, chunk_tokens), make_eval_fn(spec)
     for t, b in batches.items():
         got = np.asarray(vm(stacked, t, b))
         ref = np.stack([np.asarray(single(p, t, b)) for p in trees])
         assert got.shape == ref.shape == ((3, 12, 5) if t == "sst" else (3, 12))
         np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
         assert np.abs(ref[0] - ref[1]).max() > 1e-3  # the members really differ
+
+
+def test_rows_per_chunk():
+    assert rows_per_chunk(3, 64, 64, None) == 64
+    assert rows_per_chunk(3, 64, 64, 2560) == 8  # 3 * 8 * 64 = 1536 <= 2560 < 3 * 16 * 64
+    assert rows_per_chunk(9, 64, 64, 2560) == 4
+    assert rows_per_chunk(9, 12, 64, 100) == 1
+    assert rows_per_chunk(2, 12, 16, 200) == 6
 
 
 def test_grouping_by_architecture(runs):

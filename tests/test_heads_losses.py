@@ -152,7 +152,7 @@ def test_padding_rows_give_finite_loss_and_gradients(tiny):
     batch["valid"] = np.array([1, 1, 0, 0], np.float32)
     for task, labels in (("para", [1.0, 0.0, 0.0, 0.0]), ("sts", [4.0, 1.5, 0.0, 0.0])):
         batch["labels"] = np.array(labels, np.float32)
-        loss, grads = jax.value_and_grad(lambda p: task_loss(task, task_scores(p, config, hc, task, batch), batch))(params)
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, b: task_loss(task, task_scores(p, config, hc, task, b), b)))(params, batch)
         assert np.isfinite(float(loss))
         for path, g in jax.tree.flatten_with_path(grads)[0]:
             assert np.isfinite(np.asarray(g)).all(), f"{task} {jax.tree_util.keystr(path)}"

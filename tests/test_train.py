@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def _cfg(ckpt: Path, **kw) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig, batches: dict, steps: int):
-    """(initial params as numpy, final params, per-step metrics as floats)."""
+    """(model spec, initial params as numpy, final params, per-step metrics as floats)."""
     spec, params = init_model(cfg, jax.random.key(0))
     before = jax.tree.map(np.array, params)  # a copy: the step donates its input state
     tx = optimizer(cfg)
@@ -66,7 +67,7 @@ def _train(cfg: TrainConfig, batches: dict, steps: int):
         state, m = step(state, task_batches, jax.random.key(1))
         history.append(m)
     assert int(state.step) == steps
-    return before, jax.tree.map(np.asarray, state.params), [{k: float(v) for k, v in m.items()} for m in history]
+    return spec, before, jax.tree.map(np.asarray, state.params), [{k: float(v) for k, v in m.items()} for m in history]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def overfit(tiny_vocab_bert_dir, fixed_batches):
 
     def get(combine: str) -> list[dict]:
         if combine not in runs:
-            runs[combine] = _train(_cfg(tiny_vocab_bert_dir, combine=combine), fixed_batches, 100)[2]
+            runs[combine] = _train(_cfg(tiny_vocab_bert_dir, combine=combine), fixed_batches, 100)[3]
         return runs[combine]
 
     return get
@@ -114,7 +115,7 @@ def _changed(a, b, skip_key_bias: bool = False) -> list[bool]:
 @pytest.mark.parametrize("finetune", [False, True], ids=["pretrain", "finetune"])
 def test_single_task_pretrain_and_finetune(tiny_vocab_bert_dir, fixed_batches, finetune):
     cfg = _cfg(tiny_vocab_bert_dir, tasks=("sst",), finetune=finetune)
-    before, after, history = _train(cfg, fixed_batches, 6)
+    _, before, after, history = _train(cfg, fixed_batches, 6)
     assert set(history[0]) == {"loss", "loss_sst", "grad_norm"}
     assert history[-1]["loss_sst"] < history[0]["loss_sst"]
     # the trained head moved (both kernel and bias); heads of untrained tasks are untouched
@@ -132,43 +133,60 @@ def test_one_task_multitask_classifier(tiny_vocab_bert_dir, fixed_batches):
     """tasks=("sts",) with PCGrad (one task: no projection) trains STS; the model still scores every task."""
     cfg = _cfg(tiny_vocab_bert_dir, tasks=("sts",), combine="pcgrad")
     assert cfg.heads.heads == ("sst", "para", "sts")
-    before, after, history = _train(cfg, fixed_batches, 40)
+    spec, before, after, history = _train(cfg, fixed_batches, 30)
     assert set(history[0]) == {"loss", "loss_sts", "grad_norm"}
     assert history[-1]["loss_sts"] < 0.25 * history[0]["loss_sts"]
     assert all(_changed(before["bert"], after["bert"], skip_key_bias=True))
-    spec, _ = init_model(cfg, jax.random.key(0))
     sst = task_scores(after, spec.bert, spec.heads, "sst", fixed_batches["sst"])
     assert sst.shape == (4, 5) and np.isfinite(np.asarray(sst)).all()
 
 
 # ------------------------------------------------------------------------------------- the CLI
 
-def _bert_jax(args: list[str], env: dict) -> subprocess.CompletedProcess:
+def _bert_jax_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("bert-jax")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "scripts.cli"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "scripts.cli"]
 
 
 def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, tiny_vocab_bert_dir, tiny_data_dir):
-    """One tiny run shared by the CLI tests: `train --steps 2`, then `train --resume --steps 4`."""
+@pytest.fixture(scope="module", autouse=True)
+def _cli_background(request, tmp_path_factory, tiny_vocab_bert_dir, tiny_data_dir):
+    """Start the shared CLI run (two `bert-jax train` processes, one after the other) in the background as
+    soon as this module starts, so that it runs on the second core while the in-process tests run; only
+    when some selected test needs it. `cli_run` waits for it."""
+    if not any(item.module is request.module and "cli_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     root = tmp_path_factory.mktemp("cli")
+    run = root / "run"
+    common = [*_bert_jax_cmd(), "train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir),
+              "--data-dir", str(tiny_data_dir), "--out", str(run), "--quiet", "buckets=[32]"]  # one bucket: one step shape
+    q = shlex.join
+    script = (f"{q(common + ['--steps', '2'])} >first.out 2>first.err && cp run/metrics.jsonl first-metrics.jsonl && "
+              f"{q(common + ['--steps', '4', '--resume'])} >second.out 2>second.err")
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),  # the 2nd process reuses the 1st's compiles
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    run = root / "run"
-    common = ["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(tiny_data_dir),
-              "--out", str(run), "--quiet"]
-    first = _bert_jax(common + ["--steps", "2"], env)
-    assert first.returncode == 0, first.stderr
-    metrics_after_first = (run / "metrics.jsonl").read_text()
-    second = _bert_jax(common + ["--steps", "4", "--resume"], env)
-    assert second.returncode == 0, second.stderr
-    return SimpleNamespace(dir=run, root=root, env=env, data=tiny_data_dir, first=_last_json(first.stdout),
-                           second=_last_json(second.stdout), metrics_after_first=metrics_after_first)
+    proc = subprocess.Popen(["bash", "-c", script], cwd=root, env=env)
+    yield SimpleNamespace(proc=proc, root=root, run=run)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_run(_cli_background, tiny_data_dir):
+    """The shared tiny run: `train --config tiny --steps 2`, then `train ... --resume --steps 4`."""
+    bg = _cli_background
+    rc = bg.proc.wait(timeout=900)
+    logs = {n: (bg.root / n).read_text() if (bg.root / n).is_file() else "" for n in ("first.err", "second.err")}
+    assert rc == 0, f"bert-jax train failed (exit {rc}):\n{logs['first.err']}\n{logs['second.err']}"
+    return SimpleNamespace(dir=bg.run, root=bg.root, data=tiny_data_dir,
+                           first=_last_json((bg.root / "first.out").read_text()),
+                           second=_last_json((bg.root / "second.out").read_text()),
+                           metrics_after_first=(bg.root / "first-metrics.jsonl").read_text())
 
 
 def _records(run: Path) -> list[dict]:
@@ -181,7 +199,7 @@ def test_cli_train_writes_the_run_directory(cli_run, tiny_vocab_bert_dir):
         assert (run / name).is_file(), name
     cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     assert cfg == TrainConfig.from_dict({**TrainConfig().to_dict(), "epochs": 1, "epoch_policy": 4, "batch_size": 4,
-                                         "max_len": 32, "buckets": [16, 32], "train_limit": 64, "dev_limit": 32,
+                                         "max_len": 32, "buckets": [32], "train_limit": 64, "dev_limit": 32,
                                          "checkpoint": str(tiny_vocab_bert_dir), "max_steps": 4})
     assert (run / "vocab.txt").read_bytes() == (tiny_vocab_bert_dir / "vocab.txt").read_bytes()
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
@@ -209,7 +227,7 @@ def test_cli_resume_continues_from_the_checkpoint(cli_run):
 def test_cli_train_refuses_to_overwrite_a_run(cli_run, tiny_vocab_bert_dir, capsys):
     listing = sorted(p.name for p in (cli_run.dir / "checkpoints").iterdir())
     rc = cli_main(["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(cli_run.data),
-                   "--out", str(cli_run.dir), "--quiet"])
+                   "--out", str(cli_run.dir), "--quiet", "buckets=[32]"])
     assert rc == 2 and "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (cli_run.dir / "checkpoints").iterdir()) == listing
 

@@ -18,8 +18,10 @@ about a missing, truncated or foreign run directory is a one-line `RunError` nam
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,24 @@ def _stored_tree(path: Path) -> Any:
             return c.metadata(path.absolute()).item_metadata
     except Exception as e:  # truncated / foreign checkpoint
         raise RunError(f"{path.parent}: cannot read checkpoint ({_one_line(e)})") from None
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite, where: Path) -> Any:
+    """`mngr.restore(step, args)`, any failure (truncated / corrupt files) as a one-line `RunError`."""
+    failure = None
+    try:
+        return mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
+        failure = _one_line(e)
+    # Out of the except block, nothing references the failed read any more: finalize orbax's abandoned
+    # read coroutines now and silently (else each prints "Exception ignored in ..." with a traceback).
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise RunError(f"{where}: cannot restore checkpoint ({failure})")
 
 
 def _item(tree: Any, key: str) -> Any:
@@ -174,11 +194,8 @@ class Checkpointer:
         where = self.run / "checkpoints" / str(step)
         stored = _stored_tree(where / "state")
         _check_shapes(abstract["params"], _item(stored, "params"), where)
-        try:
-            out = self.latest.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
-        except Exception as e:  # truncated / foreign checkpoint
-            raise RunError(f"{where}: cannot restore checkpoint ({_one_line(e)})") from None
+        out = _restore(self.latest, step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()), where)
         if not isinstance(out.get("position"), dict):
             raise RunError(f"{where}: checkpoint has no data position (not written by bert-jax train)")
         return TrainState(**out["state"]), out["position"]
@@ -196,18 +213,18 @@ def load_params(run: str | Path) -> tuple[TrainConfig, ModelSpec, Params]:
         if not (run / sub).is_dir():
             continue
         mngr = _manager(run / sub, 1, read_only=True)
-        step = mngr.latest_step()
-        if step is None:
-            continue
-        where = run / sub / str(step)
-        stored = _stored_tree(where / key)
-        if key == "state":
-            stored = _item(stored, "params")
-        _check_shapes(expected_params(spec), stored, where)
         try:
-            out = mngr.restore(step, args=ocp.args.Composite(**{key: ocp.args.StandardRestore()}))
-        except Exception as e:
-            raise RunError(f"{where}: cannot restore checkpoint ({_one_line(e)})") from None
+            step = mngr.latest_step()  # finalized steps only: a save killed midway is never listed
+            if step is None:
+                continue
+            where = run / sub / str(step)
+            stored = _stored_tree(where / key)
+            if key == "state":
+                stored = _item(stored, "params")
+            _check_shapes(expected_params(spec), stored, where)
+            out = _restore(mngr, step, ocp.args.Composite(**{key: ocp.args.StandardRestore()}), where)
+        finally:
+            mngr.close()
         params = out[key] if key == "params" else out[key]["params"]
         return cfg, spec, jax.tree.map(jax.numpy.asarray, params)
     raise RunError(f"{run}: no checkpoint found (expected {run / 'best'} or {run / 'checkpoints'})")

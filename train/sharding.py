@@ -63,6 +63,17 @@ def parse_mesh(text: str) -> int:
     return n
 
 
+def fsdp_spec(shape: tuple[int, ...], n: int, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> P:
+    """FSDP partition spec of a leaf: split along its largest dimension that `n` divides, when it has at
+    least `min_shard_size` elements; else replicated (`P()`)."""
+    if n == 1 or math.prod(shape) < min_shard_size:
+        return P()
+    dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0]
+    if not dims:
+        return P()
+    return P(*[AXIS if d == dims[0] else None for d in range(len(shape))])
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """A 1-D ``data`` mesh and the shardings of batches, params and optimizer state on it."""
@@ -93,12 +104,7 @@ class DataParallel:
     def spec(self, shape: tuple[int, ...]) -> P:
         """Partition spec of a param/optimizer leaf of `shape` (a pure function of the shape, so a
         param and its AdamW moments always get the same one)."""
-        if not self.shard_params or self.size == 1 or math.prod(shape) < self.min_shard_size:
-            return P()
-        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % self.size == 0]
-        if not dims:
-            return P()
-        return P(*[AXIS if d == dims[0] else None for d in range(len(shape))])
+        return fsdp_spec(shape, self.size, self.min_shard_size) if self.shard_params else P()
 
     def shardings(self, tree: Any) -> Any:
         """A pytree of `NamedSharding`s matching `tree` (arrays or `ShapeDtypeStruct`s)."""

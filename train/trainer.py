@@ -74,9 +74,10 @@ def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
                        f"omit --config to resume with the run's own, or train into a new --out")
 
 
-def _rewind_metrics(path: Path, step: int) -> dict[str, Any]:
+def _rewind_metrics(path: Path, step: int, write: bool = True) -> dict[str, Any]:
     """Keep the evaluation records of steps <= `step` in metrics.jsonl (a resumed run redoes later ones;
-    a kill mid-append may have left a torn last line). Returns the last kept record ({} if none)."""
+    a kill mid-append may have left a torn last line). Returns the last kept record ({} if none).
+    `write=False` (not the main process) only reads."""
     if not path.exists():
         return {}
     kept: list[dict[str, Any]] = []
@@ -87,6 +88,8 @@ def _rewind_metrics(path: Path, step: int) -> dict[str, Any]:
             continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
             kept.append(rec)
+    if not write:
+        return kept[-1] if kept else {}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -194,7 +197,7 @@ def train(
     start_step = int(state.step)
     # only now that the resume is known to be valid: a refused --resume leaves the run untouched
     write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
-    last_record = _rewind_metrics(run / "metrics.jsonl", start_step)
+    last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
 
     step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp)
     eval_fn = make_eval_fn(spec, dp)
