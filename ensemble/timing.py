@@ -72,7 +72,7 @@ def time_ensemble(
     buckets: Sequence[int] = (16, 32, 64),
     seed: int = 0,
     chunk_tokens: int | None | str = "auto",
-    include_unchunked: bool = False,
+    extra_arms: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Dev-evaluation wall time of K members: vmapped (A) vs one after another (B).
 
@@ -80,8 +80,10 @@ def time_ensemble(
     on the values). Returns medians and spreads in seconds per full pass over the batches, `a_over_b`,
     `compile_s` (A's ahead-of-time compile of all batch shapes; `compile_b_s` likewise for B),
     `max_abs_diff` between the two arms' scores, the data used and the device. A uses
-    `make_stacked_eval_fn(spec, chunk_tokens)`; with `include_unchunked` a third arm C (plain vmap, no
-    micro-batches) is interleaved too (`c_median_s`, `c_over_b`).
+    `make_stacked_eval_fn(spec, chunk_tokens)`. `extra_arms` adds interleaved arms for diagnosis:
+    "unchunked" -> C, the plain vmap without micro-batches; "chunked_sequential" -> D, the members one
+    after another, each in A's micro-batch size (separates the effect of vmap from that of micro-batching);
+    each reported as `<arm>_median_s`, `<arm>_over_b`.
     """
     if k < 1 or reps < 1:
         raise ValueError(f"k and reps must be >= 1, got k={k}, reps={reps}")
@@ -102,59 +104,61 @@ def time_ensemble(
                 exe[_signature(t, b)] = fn.lower(params, t, b).compile()
         return exe, time.perf_counter() - t0
 
-    exe_a, compile_a = compile_all(make_stacked_eval_fn(spec, chunk_tokens), stacked)
-    exe_b, compile_b = compile_all(make_eval_fn(spec), members[0])
-    exe_c, compile_c = compile_all(make_stacked_eval_fn(spec, None), stacked) if include_unchunked else ({}, 0.0)
+    resolved_chunk = (CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None) if chunk_tokens == "auto" else chunk_tokens
+    one = stack(members[:1])  # a 1-member stack, for arm d
+    # arm -> (description, params per call, compiled executables, compile seconds)
+    arms: dict[str, tuple[str, list, dict, float]] = {}
+    exe, c = compile_all(make_stacked_eval_fn(spec, resolved_chunk), stacked)
+    arms["a"] = (f"vmapped ensemble of {k}" + (f" (micro-batches of <= {resolved_chunk} member-tokens)" if resolved_chunk else ""),
+                 [stacked], exe, c)
+    exe, c = compile_all(make_eval_fn(spec), members[0])
+    arms["b"] = (f"{k} members one after another (train.step.make_eval_fn)", members, exe, c)
+    if "unchunked" in extra_arms:
+        exe, c = compile_all(make_stacked_eval_fn(spec, None), stacked)
+        arms["c"] = (f"vmapped ensemble of {k}, no micro-batches", [stacked], exe, c)
+    if "chunked_sequential" in extra_arms and resolved_chunk:
+        exe, c = compile_all(make_stacked_eval_fn(spec, max(1, resolved_chunk // k)), one)
+        arms["d"] = (f"{k} members one after another, each in A's micro-batches", [stack([m]) for m in members], exe, c)
 
-    def run_a() -> list:
-        outs = [exe_a[_signature(t, b)](stacked, b) for t, b in batches]
+    def run(arm: str) -> list:
+        _, params, exe, _ = arms[arm]
+        outs = [[exe[_signature(t, b)](p, b) for t, b in batches] for p in params]
         return jax.block_until_ready(outs)
 
-    def run_c() -> list:
-        outs = [exe_c[_signature(t, b)](stacked, b) for t, b in batches]
-        return jax.block_until_ready(outs)
-
-    def run_b() -> list:
-        outs = [[exe_b[_signature(t, b)](m, b) for t, b in batches] for m in members]
-        return jax.block_until_ready(outs)
-
-    t0 = time.perf_counter()
-    out_a = run_a()
-    warm_a = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out_b = run_b()
-    warm_b = time.perf_counter() - t0
-    diff = max(float(np.max(np.abs(np.asarray(out_a[j])[i] - np.asarray(out_b[i][j]))))
+    warm: dict[str, float] = {}
+    outs: dict[str, list] = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        outs[arm] = run(arm)
+        warm[arm] = time.perf_counter() - t0
+    diff = max(float(np.max(np.abs(np.asarray(outs["a"][0][j])[i] - np.asarray(outs["b"][i][j]))))
                for i in range(k) for j in range(len(batches)))
-    del out_a, out_b
+    del outs
 
-    arms = "abc" if include_unchunked else "ab"
-    if include_unchunked:
-        run_c()  # warm-up
-    runs = {"a": run_a, "b": run_b, "c": run_c}
+    order = "".join(arms)
     times: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(reps):
-        for arm in (arms if r % 2 == 0 else arms[::-1]):
+        for arm in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
-            runs[arm]()
+            run(arm)
             times[arm].append(time.perf_counter() - t0)
-    a_med, b_med = statistics.median(times["a"]), statistics.median(times["b"])
+    med = {a: statistics.median(t) for a, t in times.items()}
     extra: dict[str, Any] = {}
-    if include_unchunked:
-        c_med = statistics.median(times["c"])
-        extra = {"c": f"vmapped ensemble of {k}, no micro-batches", "c_median_s": c_med, "c_over_b": c_med / b_med,
-                 "c_times_s": times["c"], "compile_c_s": compile_c}
+    for arm in arms:
+        if arm in "ab":
+            continue
+        extra.update({arm: arms[arm][0], f"{arm}_median_s": med[arm], f"{arm}_over_b": med[arm] / med["b"],
+                      f"{arm}_times_s": times[arm], f"compile_{arm}_s": arms[arm][3], f"warmup_{arm}_s": warm[arm]})
     dev = jax.devices()[0]
     return {
-        "what": "ensemble", "a": f"vmapped ensemble of {k}", "b": f"{k} members one after another",
+        "what": "ensemble", "a": arms["a"][0], "b": arms["b"][0],
         "k": k, "checkpoint": checkpoint, "n_examples": n_examples, "batch_size": batch_size, "reps": reps,
         "tasks": list(tasks), "max_len": max_len, "buckets": list(buckets), "n_batches": len(batches),
-        "batch_shapes": len(exe_a), "data": data_desc,
-        "a_median_s": a_med, "b_median_s": b_med, "a_over_b": a_med / b_med,
+        "batch_shapes": len(arms["a"][2]), "data": data_desc,
+        "a_median_s": med["a"], "b_median_s": med["b"], "a_over_b": med["a"] / med["b"],
         "a_times_s": times["a"], "b_times_s": times["b"],
         "a_spread_s": max(times["a"]) - min(times["a"]), "b_spread_s": max(times["b"]) - min(times["b"]),
-        "compile_s": compile_a, "compile_b_s": compile_b, "warmup_a_s": warm_a, "warmup_b_s": warm_b,
-        "max_abs_diff": diff, "chunk_tokens": chunk_tokens if chunk_tokens != "auto" else (
-            CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None), **extra,
+        "compile_s": arms["a"][3], "compile_b_s": arms["b"][3], "warmup_a_s": warm["a"], "warmup_b_s": warm["b"],
+        "max_abs_diff": diff, "chunk_tokens": resolved_chunk, **extra,
         "device": f"{dev.platform}:{dev.device_kind}", "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }

@@ -30,8 +30,8 @@ def test_every_preset_resolves_and_round_trips(name):
         got = getattr(cfg, key)
         if key == "heads":
             assert {k: getattr(got, k) for k in value} == value
-        elif isinstance(value, tuple):
-            assert tuple(got) == value
+        elif isinstance(value, (tuple, list)):
+            assert tuple(got) == tuple(value), key
         else:
             assert got == value, key
     # the config written to RUN/config.yaml reads back identical

@@ -334,6 +334,7 @@ def test_truncated_checkpoint_is_one_line_error_in_a_real_process(bad_run, env) 
     ("hf_dir", "evaluate", "not a bert-jax run directory"),
     ("missing", "predict", "run directory not found"),
     ("other_config", "resume", "--resume with a different config (lr: 0.003 in the run, 0.5 now)"),
+    ("other_data", "resume", "the training data changed since this checkpoint"),
 ])
 def test_bad_run_directory_is_a_one_line_user_error(breakage, command, message, bad_run, tmp_path, capsys,
                                                     tiny_data_dir, tiny_vocab_bert_dir) -> None:
@@ -377,6 +378,10 @@ def test_bad_run_directory_is_a_one_line_user_error(breakage, command, message, 
         run = tmp_path / "nowhere"
     elif breakage == "other_config":
         extra = ["--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), *OVERRIDES, "lr=0.5"]
+    elif breakage == "other_data":
+        from tests.conftest import write_tiny_data
+
+        tiny_data_dir = write_tiny_data(tmp_path / "fewer", n_train=40)
 
     if command == "resume":
         args = ["train", "--data-dir", str(tiny_data_dir), "--out", str(run), "--resume", "--quiet", *extra]
@@ -412,6 +417,23 @@ def _rewrite_checkpoint(step_dir: Path, edit) -> None:
     shutil.rmtree(step_dir)
     shutil.move(str(tmp / step_dir.name), str(step_dir))
     shutil.rmtree(tmp)
+
+
+def test_stop_right_after_a_checkpoint_saves_nothing_new(bad_run, tiny_data_dir) -> None:
+    """A stop request before the first step of a resumed run (e.g. a signal during the epoch-end eval)
+    checkpoints a step that is already saved: a no-op, not orbax's StepAlreadyExistsError."""
+    from train.checkpoint import read_run_config
+    from train.trainer import train
+
+    shutil.rmtree(bad_run / "checkpoints/12")  # as if killed during the last save
+    cfg, _ = read_run_config(bad_run)
+    saved = (bad_run / "checkpoints/8/state/_METADATA").read_bytes()
+    result = train(cfg, tiny_data_dir, bad_run, resume=True, should_stop=lambda: True)
+    assert result["stopped"] and result["step"] == 8
+    assert _steps(bad_run / "checkpoints") == [4, 8] and (bad_run / "checkpoints/8/state/_METADATA").read_bytes() == saved
+    records = [json.loads(ln) for ln in (bad_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8]  # the step-12 record of the lost steps is gone
+    assert result["overall"] == records[-1]["overall"] and result["best_overall"] == _position(bad_run / "checkpoints/8")["best_overall"]
 
 
 def test_rewind_metrics_drops_redone_and_torn_records(tmp_path) -> None:

@@ -128,7 +128,8 @@ class DataParallel:
 
     def pad_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """`batch` with its rows padded (zeros, ``valid=0``) up to a multiple of the mesh size, and the
-        original row count. Used for evaluation, where padding rows do not change any score."""
+        original row count. Used for evaluation: rows are independent, so the real rows' scores are
+        unchanged and the padding rows' are dropped (as for `train.data.eval_batches`' last batch)."""
         n = int(np.shape(next(iter(batch.values())))[0])
         extra = -n % self.size
         if not extra:
