@@ -218,11 +218,13 @@ def load_params(run: str | Path) -> tuple[TrainConfig, ModelSpec, Params]:
             if step is None:
                 continue
             where = run / sub / str(step)
-            stored = _stored_tree(where / key)
-            if key == "state":
-                stored = _item(stored, "params")
+            full = _stored_tree(where / key)
+            stored = _item(full, "params") if key == "state" else full
             _check_shapes(expected_params(spec), stored, where)
-            out = _restore(mngr, step, ocp.args.Composite(**{key: ocp.args.StandardRestore()}), where)
+            # restore onto one local device, whatever mesh the run was trained on
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), full)
+            out = _restore(mngr, step, ocp.args.Composite(**{key: ocp.args.StandardRestore(target)}), where)
         finally:
             mngr.close()
         params = out[key] if key == "params" else out[key]["params"]

@@ -122,7 +122,7 @@ def make_train_step(
             grads = {"bert": shared, "heads": heads}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.global_norm(grads)}
+        metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     if dp is None:
