@@ -49,33 +49,6 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=jnp.float32, name=name)
 
 
-import os as _os
-_FUSED_QKV = _os.environ.get("BJ_FUSED", "1") == "1"
-
-
-class _DenseParams(nn.Module):
-    """The parameters of an `nn.Dense(features)` (same names, shapes, dtype and init), returned, not applied."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        return kernel, bias
-
-
-def _fused_qkv(c: BertConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """query / key / value projections of x [b, t, H] as ONE [H, 3H] matmul (kernels concatenated here,
-    so the param tree keeps separate query/key/value Dense entries). Returns three [b, t, H]."""
-    kb = [_DenseParams(c.hidden_size, name=n)(x.shape[-1]) for n in ("query", "key", "value")]
-    dt = c.compute_dtype
-    kernel = jnp.concatenate([k for k, _ in kb], axis=1).astype(dt)
-    bias = jnp.concatenate([b for _, b in kb]).astype(dt)
-    qkv = jnp.dot(x.astype(dt), kernel) + bias
-    return tuple(jnp.split(qkv, 3, axis=-1))
-
-
 class BertEmbeddings(nn.Module):
     config: BertConfig
 
@@ -104,12 +77,9 @@ class BertLayer(nn.Module):
         c = self.config
         b, t, _ = x.shape
         heads = lambda y: y.reshape(b, t, c.num_attention_heads, c.head_dim)
-        if _FUSED_QKV:
-            q, k, v = (heads(y) for y in _fused_qkv(c, x))
-        else:
-            q = heads(_dense(c, c.hidden_size, "query")(x))
-            k = heads(_dense(c, c.hidden_size, "key")(x))
-            v = heads(_dense(c, c.hidden_size, "value")(x))
+        q = heads(_dense(c, c.hidden_size, "query")(x))
+        k = heads(_dense(c, c.hidden_size, "key")(x))
+        v = heads(_dense(c, c.hidden_size, "value")(x))
         attn_rng = None
         if not deterministic and c.attention_probs_dropout_prob > 0:
             attn_rng = self.make_rng("dropout")

@@ -155,24 +155,40 @@ class CompileEvents:
         return {**t, "total_s": round(sum(t.values()), 4), "xla_compiles": self.compiles}
 
 
-def interleave(run_a: Callable[[], None], run_b: Callable[[], None], reps: int) -> tuple[list[float], list[float]]:
-    """`reps` timings of each arm, alternating AB, BA, AB, ... (each call must block until done)."""
-    ta, tb = [], []
+class Timings:
+    """Wall and process-CPU seconds of each repetition of the two arms."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {"a": [], "b": []}
+        self.cpu: dict[str, list[float]] = {"a": [], "b": []}
+
+
+def interleave(run_a: Callable[[], None], run_b: Callable[[], None], reps: int) -> Timings:
+    """`reps` timings of each arm, alternating AB, BA, AB, ... (each call must block until done).
+
+    Besides wall time, the process CPU time (all threads) of each call is kept: on a shared machine
+    wall time also counts waiting for the cores, CPU time only this process's work.
+    """
+    t = Timings()
     for r in range(reps):
         for arm in ("ab" if r % 2 == 0 else "ba"):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             (run_a if arm == "a" else run_b)()
-            (ta if arm == "a" else tb).append(time.perf_counter() - t0)
-    return ta, tb
+            t.wall[arm].append(time.perf_counter() - t0)
+            t.cpu[arm].append(time.process_time() - c0)
+    return t
 
 
-def result(what: str, a: str, b: str, ta: list[float], tb: list[float], m: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    sa, sb = stats(ta), stats(tb)
+def result(what: str, a: str, b: str, t: Timings, m: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    sa, sb = stats(t.wall["a"]), stats(t.wall["b"])
+    ca, cb = stats(t.cpu["a"]), stats(t.cpu["b"])
     return {
         "what": what, "a": a, "b": b, "a_median_s": sa["median_s"], "b_median_s": sb["median_s"],
         "a_over_b": sa["median_s"] / sb["median_s"],
-        "paired_ratio_median": float(np.median(np.asarray(ta) / np.asarray(tb))),
-        "a_stats": sa, "b_stats": sb, "a_times_s": ta, "b_times_s": tb,
+        "paired_ratio_median": float(np.median(np.asarray(t.wall["a"]) / np.asarray(t.wall["b"]))),
+        "a_stats": sa, "b_stats": sb, "a_times_s": t.wall["a"], "b_times_s": t.wall["b"],
+        "a_cpu_median_s": ca["median_s"], "b_cpu_median_s": cb["median_s"], "cpu_a_over_b": ca["median_s"] / cb["median_s"],
+        "a_cpu_stats": ca, "b_cpu_stats": cb,
         "device": _device_str(m), "machine": m, **extra,
     }
 
@@ -312,10 +328,10 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         jx(batches)
         tr(batches)
     _log(args, f"compiled in {first_a:.1f} s; timing {args.reps} reps")
-    ta, tb = interleave(lambda: jx(batches), lambda: tr(batches), args.reps)
+    t = interleave(lambda: jx(batches), lambda: tr(batches), args.reps)
     return result(
         "step", f"JAX train step (sum of {len(cfg.tasks)} task losses)",
-        f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", ta, tb, machine(),
+        f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(cfg.tasks),
         shapes=f"sst [{args.batch},{args.seq}]; para, sts pairs [{args.batch},{args.seq}] x2 (encoder runs [{2 * args.batch},{args.seq}])",
         hidden_dropout=cfg.hidden_dropout, attention_dropout=jx.spec.bert.attention_probs_dropout_prob,
@@ -339,8 +355,8 @@ def bench_pcgrad(args: argparse.Namespace) -> dict[str, Any]:
         a(batches)
         b(batches)
     _log(args, f"compiled; timing {args.reps} reps")
-    ta, tb = interleave(lambda: a(batches), lambda: b(batches), args.reps)
-    return result("pcgrad", "JAX PCGrad step", "JAX summed-loss step", ta, tb, machine(),
+    t = interleave(lambda: a(batches), lambda: b(batches), args.reps)
+    return result("pcgrad", "JAX PCGrad step", "JAX summed-loss step", t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(STEP_TASKS),
                   compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps)
 
@@ -401,10 +417,10 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     one_pass(tr)
     warm_b = time.perf_counter() - t0
     _log(args, f"warm-up: JAX {warm_a:.1f} s ({len(jx.shapes)} shapes), torch {warm_b:.1f} s; timing {args.reps} reps")
-    ta, tb = interleave(lambda: one_pass(jx), lambda: one_pass(tr), args.reps)
+    t = interleave(lambda: one_pass(jx), lambda: one_pass(tr), args.reps)
     return result(
         "epoch", "JAX: load + tokenise + batch + train steps, one pass",
-        f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", ta, tb, machine(),
+        f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, tasks=list(cfg.tasks), config=args.config,
         limit_per_task=args.limit, train_sizes=info["sizes"], steps_per_pass=info["steps"],
         max_len=cfg.max_len, buckets=list(cfg.buckets), compile=jx.events.summary(),
@@ -422,6 +438,8 @@ def _summary_line(r: dict[str, Any]) -> str:
     if "a_stats" in r:
         sa, sb = r["a_stats"], r["b_stats"]
         parts.append(f"IQR A {sa['q25_s'] * 1e3:.1f}-{sa['q75_s'] * 1e3:.1f} ms, B {sb['q25_s'] * 1e3:.1f}-{sb['q75_s'] * 1e3:.1f} ms")
+    if "cpu_a_over_b" in r:
+        parts.append(f"CPU-time A/B = {r['cpu_a_over_b']:.3f}")
     if "compile" in r:
         parts.append(f"JAX compile {r['compile']['total_s']:.1f} s")
     return "; ".join(parts) + f"  [{r['device']}]"

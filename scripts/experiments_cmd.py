@@ -65,15 +65,99 @@ def run_experiment(results: Path, protocol: str, exp, data_dir, seed: int, check
     return record
 
 
-def run_ensembles(results: Path, data_dir: Path, runs: dict[str, dict], log: Callable[[str], None]) -> dict[str, dict]:
-    """Ensembles 1-7 (ensembles/report.yaml) and the soups, on dev. Needs every member run."""
-    raise NotImplementedError
+def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Callable[[str], None]) -> dict[str, dict]:
+    """Ensembles 1-7 (`ensembles/report.yaml`) and a uniform and a greedy soup, scored on dev.
+
+    Uses the `ensemble` / `soup` commands in-process; soups are written as runs (runs/soup-uniform, runs/soup-greedy).
+    """
+    from scripts.cli import main as cli
+
+    from train.experiments import SOUP_MEMBERS
+
+    spec = Path(__file__).resolve().parents[1] / "ensembles" / "report.yaml"
+    limit = ["--limit", str(dev_limit)] if dev_limit else []
+    common = ["--data-dir", str(data_dir), *limit]
+    table = results / "ensembles-table.json"
+    if cli(["ensemble", str(spec), "--results-dir", str(results / "runs"), "--split", "dev", "--json", str(table), *common]):
+        raise RuntimeError("ensemble evaluation failed")
+    out = {r["name"].replace("ens", "ensemble"): r for r in json.loads(table.read_text())["rows"] if r["kind"] != "member"}
+    members = [str(results / "runs" / n) for n in SOUP_MEMBERS if (results / "runs" / n / "done.json").is_file()]
+    for kind, flags in (("uniform", []), ("greedy", ["--greedy"])):
+        run = results / "runs" / f"soup-{kind}"
+        if not (run / "soup.json").is_file():
+            import shutil
+
+            shutil.rmtree(run, ignore_errors=True)  # an interrupted soup is redone
+            log(f"[soup] {kind} over {len(members)} runs")
+            if cli(["soup", *members, "--out", str(run), *flags, *common]):
+                raise RuntimeError(f"{kind} soup failed")
+        out[f"soup-{kind}"] = json.loads((run / "soup.json").read_text())["dev"]
+    return {k: {m: v for m, v in r.items() if m in TASK_COLS} for k, r in out.items()}
+
+
+def train_torch(cfg, data_dir: Path) -> dict[str, float]:
+    """Train the PyTorch baseline (scripts/torch_baseline.py) exactly as `train.trainer.train` schedules JAX:
+    same initial weights (the JAX init for `cfg.seed`, copied in), same round-robin plan, same batches,
+    CS224N AdamW, constant lr; then dev metrics of the final model. Returns the metrics."""
+    import jax
+    import numpy as np
+    import torch
+
+    import bert_jax
+    from scripts.torch_baseline import CS224NAdamW, build_model, make_torch_step, to_torch_batch
+    from train import data as D
+    from train.metrics import summarize, task_metric
+    from train.step import init_model
+    from train.trainer import EVAL_TASKS, _subset, load_encoded
+
+    torch.manual_seed(cfg.seed)
+    tok = bert_jax.load_tokenizer(cfg.checkpoint)
+    train_sets, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len)
+    dev_sets, _ = load_encoded(data_dir, EVAL_TASKS, "dev", tok, cfg.max_len, cfg.dev_limit)
+    _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+    model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
+                        sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
+                        attention_dropout=cfg.attention_dropout, jax_params=jax.device_get(params))
+    opt = CS224NAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.b1, cfg.b2),
+                      eps=cfg.eps, weight_decay=cfg.weight_decay)
+    step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction)
+    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
+    sizes = {t: len(s) for t, s in subsets.items()}
+    per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    model.train()
+    for g in range(total):
+        epoch, s = divmod(g, per_epoch)
+        if s == 0:
+            plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy)
+        step({t: D.make_batch(train_sets[t], subsets[t][plan[t][s]], cfg.batch_size, cfg.buckets) for t in cfg.tasks})
+    model.eval()
+    metrics = {}
+    with torch.inference_mode():
+        for t, enc in dev_sets.items():
+            scores = np.concatenate([model.scores(t, to_torch_batch(b)).float().numpy()
+                                     for b in D.eval_batches(enc, cfg.eval_batch_size, cfg.buckets)])[: len(enc)]
+            metrics[t] = task_metric(t, scores, enc.labels)
+    return summarize(metrics)
 
 
 def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, checkpoint: str | None,
                        log: Callable[[str], None]) -> dict | None:
-    """The PyTorch baseline's summed-loss model, same protocol and data order."""
-    raise NotImplementedError
+    """The PyTorch baseline's summed-loss model under the same protocol and data order (torch-sum.json)."""
+    from train.config import TrainConfig
+
+    done = results / "torch-sum.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    sum_exp = next(e for e in EXPERIMENTS if e.name == "sum")
+    extra = {"seed": seed} | ({"checkpoint": checkpoint} if checkpoint else {})
+    cfg = TrainConfig.from_dict(experiment_config_dict(protocol, sum_exp, extra))
+    log("[torch] sum: PyTorch baseline, summed losses")
+    t0 = time.perf_counter()
+    metrics = train_torch(cfg, data_dir)
+    record = {k: metrics[k] for k in TASK_COLS if k in metrics} | {"wall_s": time.perf_counter() - t0}
+    done.write_text(json.dumps(record))
+    return record
 
 
 def _fmt(x: float | None) -> str:
@@ -184,9 +268,9 @@ def _experiments(args: argparse.Namespace) -> int:
         if only and exp.name not in only:
             continue
         runs[exp.name] = run_experiment(results, args.protocol, exp, data_dir, args.seed, args.checkpoint, log)
-    ensembles = run_ensembles(results, data_dir, runs, log) if not only else {}
-    torch_sum = run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log) if not args.no_torch and not only else None
     _, base, lr_scale = protocol_base(args.protocol)
+    ensembles = run_ensembles(results, data_dir, base.get("dev_limit"), log) if not only else {}
+    torch_sum = run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log) if not args.no_torch and not only else None
     prev = json.loads((results / "study.json").read_text()) if (results / "study.json").is_file() else {}
     study = {"protocol": args.protocol, "checkpoint": args.checkpoint or "embedded", "data_dir": str(data_dir),
              "seed": args.seed, "hardware": hardware(), "dev_limit": base.get("dev_limit"),
@@ -202,7 +286,7 @@ def _experiments(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiments", help="the report's whole study, resumably, with REPORT.md")
-    p.add_argument("--protocol", choices=["report", "cpu"], default="cpu")
+    p.add_argument("--protocol", choices=["report", "cpu", "tiny"], default="cpu", help="tiny: a few steps, for tests")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--seed", type=int, default=0)

@@ -94,7 +94,10 @@ def protocol_base(protocol: str) -> tuple[str, dict[str, Any], float]:
     if protocol == "cpu":
         return "report", {"epochs": 1, "epoch_policy": CPU_STEPS, "max_len": CPU_MAX_LEN, "buckets": [CPU_MAX_LEN],
                           "dev_limit": CPU_DEV_LIMIT, "eval_batch_size": 128}, CPU_LR_SCALE
-    raise ValueError(f"unknown protocol {protocol!r} (report or cpu)")
+    if protocol == "tiny":  # for tests: a few steps on tiny data
+        return "report", {"epochs": 1, "epoch_policy": 2, "max_len": 32, "buckets": [32], "dev_limit": 16,
+                          "batch_size": 4, "eval_batch_size": 16}, 1.0
+    raise ValueError(f"unknown protocol {protocol!r} (report, cpu or tiny)")
 
 
 def experiment_config_dict(protocol: str, exp: Experiment, extra: dict[str, Any] | None = None) -> dict[str, Any]:

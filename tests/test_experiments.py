@@ -1,0 +1,43 @@
+"""The experiment driver on a tiny random BERT and tiny data: runs, skips finished runs, writes the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict
+
+
+def test_every_experiment_config_resolves():
+    from train.config import TrainConfig
+
+    by = {}
+    for exp in EXPERIMENTS:
+        by[exp.name] = TrainConfig.from_dict(experiment_config_dict("cpu", exp))
+    assert by["pcgrad"].combine == "pcgrad" and by["mean-drop0.4"].hidden_dropout == 0.4
+    assert by["sst-pretrain"].tasks == ("sst",) and not by["sst-pretrain"].finetune
+    assert by["cosine"].heads.sts_head == "cosine" and by["cosine"].heads.para_head == "cosine"
+    # the cpu protocol scales every lr by the same factor: the sweep keeps the report's ratios
+    assert abs(by["lr5e-5"].lr / by["sum"].lr - 5.0) < 1e-9
+    assert set(REPORT_DEV) >= {e.name for e in EXPERIMENTS}
+
+
+def test_driver_resumes_and_reports(tmp_path, tiny_data_dir, tiny_vocab_bert_dir):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "scripts.cli", "experiments", "--protocol", "tiny", "--data-dir", str(tiny_data_dir),
+           "--out", str(out), "--checkpoint", str(tiny_vocab_bert_dir), "--only", "sum,sst-pretrain", "--no-torch"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "[train] sum" in first.stderr and "[train] sst-pretrain" in first.stderr
+    done = json.loads((out / "runs" / "sum" / "done.json").read_text())
+    metrics = [json.loads(l) for l in (out / "runs" / "sum" / "metrics.jsonl").read_text().splitlines()]
+    assert done["overall"] == metrics[-1]["overall"] and done["step"] == 2
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "[skip] sum: done" in second.stderr and "[train]" not in second.stderr
+    report = (out / "REPORT.md").read_text()
+    assert f"{done['overall']:.3f} / 0.666" in report  # ours / the report's, for the summed-loss row
+    assert "`sst-pretrain`" in report and (out / "lr.png").stat().st_size > 1000
+    study = json.loads((out / "study.json").read_text())
+    assert study["protocol"] == "tiny" and study["wall_s"] > 0
