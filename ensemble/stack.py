@@ -145,8 +145,12 @@ def make_stacked_eval_fn(spec: ModelSpec, chunk_tokens: int | None | str = "auto
     None elsewhere) splits the batch rows into micro-batches of r rows (`rows_per_chunk`: K * r * tokens
     per row <= chunk_tokens), run by a `lax.map` inside the same jitted call. On CPU the un-chunked
     vmapped program is slower than K sequential calls (its [K, B*L, ...] activations need K times the
-    memory: page faults on fresh >32 MB buffers, cache misses); micro-batches reuse one small buffer
-    set. Cached per (spec, chunk_tokens), so equal specs share one jit cache.
+    memory: page faults on fresh >32 MB buffers, cache misses, and XLA:CPU's batched dot is slower per
+    flop than its plain dot); micro-batches reuse one small buffer set. Measured on 2 CPU cores
+    (ensemble/timing.py): un-chunked 1.17-1.28x the sequential time, micro-batched 0.72-0.90x -- but the
+    members run one after another *in the same micro-batches* are faster still (the gain is the
+    micro-batching; vmap itself is ~1.1-1.2x on CPU). On an accelerator the plain vmap is the point.
+    Cached per (spec, chunk_tokens), so equal specs share one jit cache.
     """
     if chunk_tokens == "auto":
         chunk_tokens = CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None

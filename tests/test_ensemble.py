@@ -190,10 +190,10 @@ def test_report_spec_compiles():
     assert spec.default_node() == "ens7" and len(spec.models) == 9
     w = compile_weights(spec)
     cols = {p.name: i for i, p in enumerate(spec.models)}
-    # Ensemble 7 = mean(ens2, ens3, ens5): SST weight on sum-lr1e-5 = (1 + 1/3 + 0) / 3
-    assert w["ens7"][0, cols["sum-lr1e-5"]] == pytest.approx(4 / 9)
-    assert w["ens7"][2, cols["sum-lr5e-5"]] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
-    assert w["ens1"][1, cols["task-para-finetune"]] == 1.0
+    # Ensemble 7 = mean(ens2, ens3, ens5): SST weight on sum = (1 + 1/3 + 0) / 3
+    assert w["ens7"][0, cols["sum"]] == pytest.approx(4 / 9)
+    assert w["ens7"][2, cols["lr5e-5"]] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert w["ens1"][1, cols["para-finetune"]] == 1.0
 
 
 @pytest.mark.parametrize("mutate, message", [
