@@ -29,7 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # orbax must not leave tracebacks behind (e.g. "Exception ignored in <coroutine>" after a failed restore)
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+# (orbax objects of *other* tests can be garbage-collected during these tests and warn about their
+# closed asyncio loops, so unraisable-exception warnings are not turned into errors here; the
+# no-traceback behaviour of user errors is asserted on the subprocesses' stderr instead.)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 4, 3  # the tiny preset's epoch_policy=4

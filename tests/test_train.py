@@ -237,8 +237,12 @@ def test_cli_evaluate_prints_the_best_metrics(cli_run, capsys):
     out = _last_json(capsys.readouterr().out)
     best = [r for r in _records(cli_run.dir) if r["best"]][-1]
     assert out["split"] == "dev"
-    for k in (*TASKS3, "overall"):
-        assert out[k] == pytest.approx(best[k], abs=1e-6), k
+    for k in ("sst", "para"):
+        assert out[k] == best[k], k
+    # The tiny model's STS scores spread by only ~1e-4, so Pearson r moves by ~1e-5 between two
+    # XLA compilations (training process vs this one) that differ in the last float bits.
+    for k in ("sts", "overall"):
+        assert out[k] == pytest.approx(best[k], abs=1e-4), k
 
 
 def _read_tsv(path: Path) -> list[dict]:
