@@ -12,8 +12,25 @@ therefore requires `attention_probs_dropout_prob == 0` during training: the trai
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def keep_mask(rng: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+    """Dropout keep-mask, bit for bit `jax.random.bernoulli(rng, keep_prob, shape)`, computed cheaper.
+
+    `bernoulli` draws 32 random bits per element, turns the top 23 into a float `u = (bits >> 9) * 2**-23`
+    and keeps `u < keep_prob` (keep_prob rounded to float32). That is the integer test
+    `(bits >> 9) < ceil(keep_prob * 2**23)` on the same bits, without the float conversion. (This and
+    the erf GELU of `model.py` together cut 2.6% (seq 32) to 5% (seq 64) of the CPU time of the
+    batch-8 train step, in-process A/B.)
+    """
+    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
+    bits = jax.random.bits(rng, shape, jnp.uint32)
+    return (bits >> 9) < jnp.uint32(threshold)
 
 
 def self_attention(
@@ -37,6 +54,6 @@ def self_attention(
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    keep = keep_mask(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

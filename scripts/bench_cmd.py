@@ -10,13 +10,22 @@
                    sst, para, sts), each timed pass including loading + tokenisation, the epoch plan,
                    bucketed batching and every step; both frameworks see the same batches in the same
                    order. `--limit N` uses the first N examples per task (quick run); without it the pass
-                   is the full "max" epoch (ceil(largest task / batch) steps: hours on a CPU).
+                   is the full "max" epoch (ceil(largest task / batch) steps: 1769 steps with the
+                   data here, i.e. tens of minutes per framework and pass on a 2-core CPU, plus an
+                   untimed warm-up pass in which JAX compiles every batch shape it meets).
 
 Protocol: compile / warm-up first (JAX compile time reported separately, from jax.monitoring's
 compile events), then `--reps` repetitions alternating AB, BA, AB, ... Reported per arm: median,
 IQR (25th-75th percentile), min / max; `a_over_b` = median(A) / median(B), plus the median of the
-per-repetition ratios. torch uses `torch.set_num_threads(os.cpu_count())`; XLA's CPU client uses all
-cores by default.
+per-repetition ratios, and the same statistics of the process CPU time (all threads) of each call,
+which a shared machine distorts less than wall time. The result also records the machine (CPU model,
+cores, load average), library versions and the settings below.
+
+Process settings, made before jax / torch start their thread pools, for both arms alike: torch uses
+`torch.set_num_threads(os.cpu_count())` (XLA's CPU client uses all cores by default);
+`OMP_WAIT_POLICY=PASSIVE` unless already set (see `prepare_process`); glibc malloc tuned so that
+XLA's per-execution temporary buffer is reused instead of mmapped afresh every step
+(`tune_host_malloc`; `--no-malloc-tuning` measures the default allocator).
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -82,13 +90,21 @@ def machine() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                info[key] = value.strip()
+            if not line.strip() and info:
                 break
     except OSError:
         pass
+    if "model name" in info:
+        flags = info.get("flags", "").split()
+        simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+        cpu = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {simd})"
     dev = jax.devices()[0]
     try:
         load = os.getloadavg()
@@ -196,14 +212,15 @@ def result(what: str, a: str, b: str, t: Timings, m: dict[str, Any], **extra: An
 def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TASKS) -> dict[str, dict[str, np.ndarray]]:
     """One fixed-shape batch per task: [batch, seq] token ids, lengths in [seq/2, seq] (row 0 full), all rows valid."""
     rng = np.random.default_rng(seed)
+    cls, sep = (101, 102) if vocab > 1000 else (2, 3)  # BERT uncased ids; the test vocab's otherwise
 
     def ids():
         lengths = rng.integers(max(2, seq // 2), seq + 1, size=batch)
         lengths[0] = seq
         mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
-        x = rng.integers(1000, vocab, size=(batch, seq)).astype(np.int32)
-        x[:, 0] = 101
-        x[np.arange(batch), lengths - 1] = 102
+        x = rng.integers(min(1000, vocab // 2), vocab, size=(batch, seq)).astype(np.int32)
+        x[:, 0] = cls
+        x[np.arange(batch), lengths - 1] = sep
         return x * mask, mask
 
     out = {}
@@ -391,9 +408,12 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     jx = JaxArm(cfg, args.seed)
     tr = TorchArm(cfg, jx.params0, args.torch_attn)
     info: dict[str, Any] = {}
+    data_s: dict[str, list[float]] = {"a": [], "b": []}
 
     def one_pass(arm) -> None:
+        t0 = time.perf_counter()
         encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit)
+        data_s["a" if arm is jx else "b"].append(time.perf_counter() - t0)
         sizes = {t: len(e) for t, e in encs.items()}
         plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, 0, "max")
         steps = D.epoch_steps(sizes, cfg.batch_size, "max")
@@ -426,6 +446,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         max_len=cfg.max_len, buckets=list(cfg.buckets), compile=jx.events.summary(),
         jax_distinct_batch_shapes=len(jx.shapes), jax_compiled_shapes=jx.compiled_shapes(),
         a_warmup_pass_s=warm_a, b_warmup_pass_s=warm_b, torch_threads=threads, reps=args.reps,
+        load_tokenise_median_s={k: float(np.median(v)) for k, v in data_s.items()},
     )
 
 
@@ -442,6 +463,10 @@ def _summary_line(r: dict[str, Any]) -> str:
         parts.append(f"CPU-time A/B = {r['cpu_a_over_b']:.3f}")
     if "compile" in r:
         parts.append(f"JAX compile {r['compile']['total_s']:.1f} s")
+    elif "compile_a" in r:
+        parts.append(f"JAX compile A {r['compile_a']['total_s']:.1f} s, B {r['compile_b']['total_s']:.1f} s")
+    elif "compile_s" in r:
+        parts.append(f"compile A {r['compile_s']:.1f} s, B {r.get('compile_b_s', float('nan')):.1f} s")
     return "; ".join(parts) + f"  [{r['device']}]"
 
 
@@ -452,6 +477,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.reps is None:
         args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3}[args.what]
+    if args.batch is None:
+        args.batch = 64 if args.what == "ensemble" else 8
     for name in ("reps", "batch", "seq", "k", "n_examples"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -477,10 +504,11 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 20; ensemble 5; epoch 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm after the compile call (step, pcgrad)")
-    p.add_argument("--batch", type=int, default=8, help="examples per task per step (ensemble: eval batch size)")
+    p.add_argument("--batch", type=int, default=None, help="examples per task per step (default 8); ensemble: eval batch size (default 64)")
     p.add_argument("--seq", type=int, default=32, help="sequence length of the synthetic batches (step, pcgrad)")
     p.add_argument("--config", default="cpu-sum", help="train preset / YAML giving dropout, lr, max_len, buckets (default cpu-sum)")
-    p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention kernel of the baseline")
+    p.add_argument("--torch-attn", default="eager", choices=["eager", "sdpa"],
+                   help="transformers attention kernel of the baseline (default eager: the faster one on this CPU)")
     p.add_argument("--data-dir", default=None, help="CS224N data (epoch, ensemble); else $BERT_JAX_DATA, else ./data")
     p.add_argument("--limit", type=int, default=None, help="epoch: first N training examples per task (default: all)")
     p.add_argument("--k", type=int, default=4, help="ensemble members")

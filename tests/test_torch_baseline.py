@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 import torch
 
 from scripts import torch_baseline as tb
@@ -186,3 +185,49 @@ def test_cs224n_adamw_matches_reference_formula():
         ref = ref - alpha * m / (np.sqrt(v) + 1e-6)
         ref = ref - 1e-2 * 0.1 * ref
     np.testing.assert_allclose(p.detach().numpy(), ref, atol=1e-6)
+
+
+def test_bench_step_cli_smoke(tiny_bert_dir, tmp_path):
+    """`bert-jax bench --what step` on the tiny BERT: runs both arms, writes the documented JSON keys."""
+    import json
+
+    from scripts.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--what", "step", "--checkpoint", str(tiny_bert_dir), "--reps", "3", "--warmup", "0",
+               "--batch", "2", "--seq", "8", "--json", str(out), "--quiet", "--no-malloc-tuning"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    for key in ("what", "a", "b", "a_median_s", "b_median_s", "a_over_b", "device"):
+        assert key in r, key
+    assert r["what"] == "step" and r["a"].startswith("JAX") and r["b"].startswith("PyTorch")
+    assert len(r["a_times_s"]) == len(r["b_times_s"]) == 3 and r["a_median_s"] > 0 and r["b_median_s"] > 0
+    assert abs(r["a_over_b"] - r["a_median_s"] / r["b_median_s"]) < 1e-12
+    assert r["compile"]["xla_compiles"] >= 1 and r["jax_compiled_shapes"] == 1
+    assert r["machine"]["cores"] >= 1 and r["machine"]["torch_threads"] >= 1
+
+
+def test_interleave_alternates_arms():
+    from scripts.bench_cmd import interleave
+
+    order = []
+    t = interleave(lambda: order.append("a"), lambda: order.append("b"), 4)
+    assert "".join(order) == "abbaabba"
+    assert len(t.wall["a"]) == len(t.cpu["b"]) == 4
+
+
+def test_fast_dropout_masks_equal_flax_bernoulli():
+    """bert_jax's Dropout / keep_mask (a perf rewrite) must give exactly flax's / jax.random.bernoulli's masks."""
+    import flax.linen as nn
+
+    from bert_jax.attention import keep_mask
+    from bert_jax.model import Dropout
+
+    key = jax.random.key(7)
+    for keep in (0.9, 0.7, 0.5, 0.05):
+        assert bool((keep_mask(key, keep, (37, 41)) == jax.random.bernoulli(key, keep, (37, 41))).all())
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 17)).astype(np.float32))
+    ours = Dropout(0.3).apply({}, x, False, rngs={"dropout": key})
+    theirs = nn.Dropout(0.3).apply({}, x, False, rngs={"dropout": key})
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert float((ours == 0).mean()) > 0.1

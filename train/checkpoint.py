@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +96,47 @@ def _stored_tree(path: Path) -> Any:
         raise RunError(f"{path.parent}: cannot read checkpoint ({_one_line(e)})") from None
 
 
+def _quiet_abandoned_reads(unraisable: Any) -> None:
+    """`sys.unraisablehook` that drops the echoes of a failed orbax restore and passes on the rest.
+
+    When one array of a checkpoint cannot be read (truncated / corrupt files), orbax's event loop ends
+    with the error while TensorStore still completes the other reads: each completion then fails on the
+    closed loop ("Event loop is closed", from `call_soon_threadsafe`, in a TensorStore thread), and each
+    abandoned read coroutine fails again when finalized, possibly at interpreter exit. Each would print a
+    traceback with a page of TensorStore spec after the one-line `RunError` that already reports the
+    failure. Anything else goes to the hook installed before.
+    """
+    exc, obj = unraisable.exc_value, unraisable.object
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    closed_loop = isinstance(exc, RuntimeError) and "call_soon_threadsafe" in frames
+    code = getattr(obj, "cr_code", None)  # an abandoned coroutine's code object
+    if closed_loop or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename):
+        return
+    _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
+
+
 def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite, where: Path) -> Any:
-    """`mngr.restore(step, args)`, any failure (truncated / corrupt files) as a one-line `RunError`."""
-    failure = None
+    """`mngr.restore(step, args)`, any failure (truncated / corrupt files) as a one-line `RunError`.
+
+    The unraisable-exception filter goes up before the read (the echoes of a failure start in other
+    threads as soon as it happens) and stays up after a failure, for the rest of the process.
+    """
+    global _previous_hook
+    installed = sys.unraisablehook is not _quiet_abandoned_reads
+    if installed:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
     try:
-        return mngr.restore(step, args=args)
+        out = mngr.restore(step, args=args)
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
         failure = _one_line(e)
-    # Out of the except block, nothing references the failed read any more: finalize orbax's abandoned
-    # read coroutines now and silently (else each prints "Exception ignored in ..." with a traceback).
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+    else:
+        if installed:
+            sys.unraisablehook = _previous_hook
+        return out
+    gc.collect()  # finalize the abandoned read coroutines now
     raise RunError(f"{where}: cannot restore checkpoint ({failure})")
 
 
