@@ -12,6 +12,10 @@ import jax.numpy as jnp
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
+# BertConfig fields that are bert-jax options, not part of a Hugging Face config.json.
+BERT_JAX_OPTIONS = ("dtype", "attention_impl", "remat", "scan_layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """Architecture of a BERT encoder (the fields of a HF `BertConfig` that shape the model).
@@ -19,7 +23,8 @@ class BertConfig:
     `dtype` is the compute dtype ("float32" or "bfloat16"); parameters are always float32.
     `attention_impl` picks `jax.nn.dot_product_attention`'s implementation ("xla" or "cudnn");
     "cudnn" needs a GPU and a 16-bit dtype and has no attention dropout (see `attention.py`).
-    `remat` recomputes each layer's activations in the backward pass (less memory).
+    `remat` recomputes each layer's activations in the backward pass (less memory). `scan_layers`
+    runs the encoder layers as one `jax.lax.scan` (one compiled layer body; see `model.BertEncoder`).
     """
 
     vocab_size: int = 30522
@@ -38,6 +43,7 @@ class BertConfig:
     dtype: str = "float32"
     attention_impl: str = "xla"
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -85,7 +91,7 @@ class BertConfig:
         return cls.from_hf_dict(d, **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        hf_fields = [f.name for f in dataclasses.fields(self) if f.name not in ("dtype", "attention_impl", "remat")]
+        hf_fields = [f.name for f in dataclasses.fields(self) if f.name not in BERT_JAX_OPTIONS]
         d = {k: getattr(self, k) for k in hf_fields}
         d.update(model_type="bert", architectures=["BertModel"], position_embedding_type="absolute")
         return d

@@ -121,13 +121,38 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
+    """`num_hidden_layers` BertLayers, unrolled or (`scan_layers`) one `jax.lax.scan` over the layers.
+
+    Both read the same params (`layer_0` ... `layer_{N-1}`, HF names). The scan stacks them into
+    `[N, ...]` leaves inside the traced program (the gradient flows back through the stack), so XLA
+    compiles one layer body instead of N: shorter compiles, same outputs. Its dropout masks come from
+    one key split N ways, so they differ from the unrolled model's (same distribution).
+    """
+
     config: BertConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
-        for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, name=f"layer_{i}")(x, key_mask, deterministic)
+        c = self.config
+        if not c.scan_layers or self.is_initializing():
+            layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if c.remat else BertLayer
+            for i in range(c.num_hidden_layers):
+                x = layer_cls(c, name=f"layer_{i}")(x, key_mask, deterministic)
+            return x
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *(params[f"layer_{i}"] for i in range(c.num_hidden_layers)))
+        no_rng = jnp.zeros((c.num_hidden_layers,), jnp.uint32)  # placeholder scanned input when deterministic
+        rngs = no_rng if deterministic else jax.random.split(self.make_rng("dropout"), c.num_hidden_layers)
+
+        def layer(h: jax.Array, layer_params_and_rng: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+            layer_params, rng = layer_params_and_rng
+            out = BertLayer(c, parent=None).apply({"params": layer_params}, h, key_mask, deterministic,
+                                                  rngs=None if deterministic else {"dropout": rng})
+            return out, None
+
+        body = jax.checkpoint(layer) if c.remat else layer
+        x, _ = jax.lax.scan(body, x, (stacked, rngs))
         return x
 
 

@@ -84,12 +84,8 @@ def prepare_process(malloc: bool) -> dict[str, Any]:
             "imported_before_setup": late}
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, core count, load average, JAX device and library versions."""
-    import jax
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with family / model and its widest SIMD (`platform` elsewhere)."""
     info: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
@@ -101,10 +97,19 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    if "model name" in info:
-        flags = info.get("flags", "").split()
-        simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
-        cpu = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {simd})"
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    flags = info.get("flags", "").split()
+    simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {simd})"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, load average, JAX device and library versions."""
+    import jax
+    import torch
+
+    cpu = cpu_model()
     dev = jax.devices()[0]
     try:
         load = os.getloadavg()
@@ -306,10 +311,17 @@ class TorchArm:
         self.fn(batches)
 
 
+def seconds(fn: Callable[..., Any], *args: Any) -> float:
+    """Wall time of one call `fn(*args)` (a first call: compile + run, or an untimed warm-up pass)."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def _cfg(args: argparse.Namespace, **kw: Any):
     from train.config import resolve_config
 
-    return resolve_config(args.config, [], checkpoint=args.checkpoint, batch_size=args.batch, tasks=list(STEP_TASKS), **kw)
+    return resolve_config(args.config, args.overrides, checkpoint=args.checkpoint, batch_size=args.batch, tasks=list(STEP_TASKS), **kw)
 
 
 def _set_threads() -> int:
@@ -334,13 +346,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     jx = JaxArm(cfg, args.seed)
     tr = TorchArm(cfg, jx.params0, args.torch_attn)
     batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed)
-    t0 = time.perf_counter()
     with jx.events:
-        jx(batches)
-    first_a = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tr(batches)
-    first_b = time.perf_counter() - t0
+        first_a = seconds(jx, batches)
+    first_b = seconds(tr, batches)
     for _ in range(args.warmup):
         jx(batches)
         tr(batches)
@@ -363,10 +371,9 @@ def bench_pcgrad(args: argparse.Namespace) -> dict[str, Any]:
     batches = synthetic_batches(a.spec.bert.vocab_size, args.batch, args.seq, args.seed)
     compile_info = {}
     for name, arm in (("a", a), ("b", b)):
-        t0 = time.perf_counter()
         with arm.events:
-            arm(batches)
-        compile_info[name] = {**arm.events.summary(), "first_call_s": time.perf_counter() - t0}
+            first = seconds(arm, batches)
+        compile_info[name] = {**arm.events.summary(), "first_call_s": first}
         arm.events.reset()
     for _ in range(args.warmup):
         a(batches)
@@ -419,7 +426,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         steps = D.epoch_steps(sizes, cfg.batch_size, "max")
         last = None
         for s in range(steps):
-            batches = {t: D.make_batch(encs[t], plan[t][s], cfg.batch_size, cfg.buckets) for t in cfg.tasks}
+            batches = D.step_batches(encs, {t: plan[t][s] for t in cfg.tasks}, cfg.batch_size, cfg.buckets, cfg.align_buckets)
             if arm is jx:
                 last = jx.step_async(batches)  # async dispatch: the next batch is built while this step runs
             else:
@@ -429,13 +436,9 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         info.update(sizes=sizes, steps=steps)
 
     _log(args, "warm-up pass (JAX compiles every batch shape it meets)")
-    t0 = time.perf_counter()
     with jx.events:
-        one_pass(jx)
-    warm_a = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    one_pass(tr)
-    warm_b = time.perf_counter() - t0
+        warm_a = seconds(one_pass, jx)
+    warm_b = seconds(one_pass, tr)
     _log(args, f"warm-up: JAX {warm_a:.1f} s ({len(jx.shapes)} shapes), torch {warm_b:.1f} s; timing {args.reps} reps")
     t = interleave(lambda: one_pass(jx), lambda: one_pass(tr), args.reps)
     return result(
@@ -443,7 +446,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, tasks=list(cfg.tasks), config=args.config,
         limit_per_task=args.limit, train_sizes=info["sizes"], steps_per_pass=info["steps"],
-        max_len=cfg.max_len, buckets=list(cfg.buckets), compile=jx.events.summary(),
+        max_len=cfg.max_len, buckets=list(cfg.buckets), align_buckets=cfg.align_buckets, compile=jx.events.summary(),
         jax_distinct_batch_shapes=len(jx.shapes), jax_compiled_shapes=jx.compiled_shapes(),
         a_warmup_pass_s=warm_a, b_warmup_pass_s=warm_b, torch_threads=threads, reps=args.reps,
         load_tokenise_median_s={k: float(np.median(v)) for k, v in data_s.items()},
@@ -506,6 +509,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm after the compile call (step, pcgrad)")
     p.add_argument("--batch", type=int, default=None, help="examples per task per step (default 8); ensemble: eval batch size (default 64)")
     p.add_argument("--seq", type=int, default=32, help="sequence length of the synthetic batches (step, pcgrad)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides on top of --config (e.g. align_buckets=true hidden_dropout=0)")
     p.add_argument("--config", default="cpu-sum", help="train preset / YAML giving dropout, lr, max_len, buckets (default cpu-sum)")
     p.add_argument("--torch-attn", default="eager", choices=["eager", "sdpa"],
                    help="transformers attention kernel of the baseline (default eager: the faster one on this CPU)")

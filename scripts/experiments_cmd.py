@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict
+from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict, protocol_summary
 
 TASK_COLS = ("sst", "para", "sts", "overall")
 
@@ -28,16 +27,10 @@ def hardware() -> str:
 
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from scripts.bench_cmd import cpu_model
+
     dev = jax.devices()[0]
-    return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
+    return f"{cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
 def run_experiment(results: Path, protocol: str, exp, data_dir, seed: int, checkpoint: str | None,
@@ -130,7 +123,8 @@ def train_torch(cfg, data_dir: Path) -> dict[str, float]:
         epoch, s = divmod(g, per_epoch)
         if s == 0:
             plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy)
-        step({t: D.make_batch(train_sets[t], subsets[t][plan[t][s]], cfg.batch_size, cfg.buckets) for t in cfg.tasks})
+        step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size, cfg.buckets,
+                            cfg.align_buckets))
     model.eval()
     metrics = {}
     with torch.inference_mode():
@@ -183,6 +177,7 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
         f"- checkpoint: `{study['checkpoint']}`; data: `{study['data_dir']}` (Quora: the ~10% subset of the README, "
         "so paraphrase numbers are not comparable to the report's Quora dev set); seed {seed}; protocol `{protocol}` "
         "(see `train/experiments.py`).".format(**study),
+        f"- training: {protocol_summary(study['protocol'])}.",
         f"- hardware: {study['hardware']}; wall time {study['wall_s'] / 60:.1f} min.",
         "- cells: **ours / report (ours − report)**; dev sets"
         + (f" limited to the first {study['dev_limit']} examples per task" if study.get("dev_limit") else "") + ".",
@@ -224,17 +219,22 @@ def plot(results: Path, runs: dict[str, dict], ensembles: dict[str, dict], lr_sc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["sum"] + [f"lr{k}e-5" for k in (2, 3, 4, 5, 6)]
-    xs = [k * 1e-5 * lr_scale for k in (1, 2, 3, 4, 5, 6)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for task in TASK_COLS:
+    ks = (1, 2, 3, 4, 5, 6)
+    names = ["sum"] + [f"lr{k}e-5" for k in ks[1:]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, task in enumerate(TASK_COLS):
+        color = f"C{i}"
         ys = [runs.get(n, {}).get(task) for n in names]
         if all(y is not None for y in ys):
-            ax.plot(xs, ys, marker="o", label=task)
-    ax.set_xlabel("learning rate" + (f" (report's × {lr_scale:g})" if lr_scale != 1 else ""))
+            ax.plot(ks, ys, marker="o", color=color, label=f"{task} (ours)")
+        theirs = [REPORT_DEV[n][i] for n in names]
+        if all(y is not None for y in theirs):
+            ax.plot(ks, theirs, linestyle="--", marker=".", color=color, alpha=0.6, label=f"{task} (report)")
+    ax.set_xticks(ks, [f"{k}e-5" + (f"\n(ours {k * lr_scale:g}e-5)" if lr_scale != 1 else "") for k in ks], fontsize=8)
+    ax.set_xlabel("the report's learning rate")
     ax.set_ylabel("dev score")
-    ax.set_title("Summed-loss multitask model: learning rate sweep")
-    ax.legend()
+    ax.set_title("Summed-loss multitask model: learning rate sweep (Figure 4)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(results / "lr.png", dpi=120)
     plt.close(fig)

@@ -39,6 +39,29 @@ def test_other_activations_match_torch(tmp_path, act):
     assert max(diffs.values()) <= 1e-5, diffs
 
 
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan+remat"])
+def test_scanned_layers_match_torch_and_unrolled_gradients(tmp_path, remat):
+    """`scan_layers` (one lax.scan over the layers, same params) = transformers' outputs; its gradients =
+    the unrolled encoder's."""
+    d = save_tiny_bert(tmp_path / "m", seed=5)
+    inputs = random_inputs(TINY["vocab_size"], batch=3, seq=13, seed=6)
+    diffs = max_abs_diff(_jax_outputs(d, inputs, scan_layers=True, remat=remat), torch_outputs(d, inputs),
+                         inputs["attention_mask"])
+    assert max(diffs.values()) <= 1e-5, diffs
+    config, params = bert_jax.load_pretrained(d)
+
+    def loss(p, cfg):
+        out = bert_jax.encode(p, cfg, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+        return (out.pooler_output ** 2).sum() + out.last_hidden_state[:, 1].sum()
+
+    g_scan = jax.grad(loss)(params, config.replace(scan_layers=True, remat=remat))
+    g_unrolled = jax.grad(loss)(params, config)
+    assert jax.tree.structure(g_scan) == jax.tree.structure(g_unrolled)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_unrolled)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    assert float(np.abs(np.asarray(g_scan["encoder"]["layer_0"]["query"]["kernel"])).max()) > 0
+
+
 def test_embedded_checkpoint_matches_torch():
     d = bert_jax.resolve_checkpoint("embedded")
     config, _ = bert_jax.load_pretrained("embedded")

@@ -392,6 +392,27 @@ def test_make_batch_pair_uses_longest_of_both() -> None:
     assert make_batch(enc, np.array([0]), 3, DEFAULT_BUCKETS)["input_ids_1"].shape == (3, 32)
 
 
+def test_step_batches_aligned_pads_every_task_to_the_longest_bucket() -> None:
+    from train.data import step_batches
+
+    encs = {"sst": _fake_enc("sst", [5, 20, 3, 7]), "sts": _fake_enc("sts", [5, 6, 7], [40, 4, 2])}
+    index = {"sst": np.array([0, 2]), "sts": np.array([1, 2])}
+    free = step_batches(encs, index, 2, DEFAULT_BUCKETS)
+    assert free["sst"]["input_ids"].shape == (2, 16) and free["sts"]["input_ids_1"].shape == (2, 16)
+    index["sts"] = np.array([0, 1])  # sentence 2 of example 0 has 40 tokens: bucket 64
+    free = step_batches(encs, index, 2, DEFAULT_BUCKETS)
+    aligned = step_batches(encs, index, 2, DEFAULT_BUCKETS, align=True)
+    assert free["sst"]["input_ids"].shape == (2, 16) and free["sts"]["input_ids_2"].shape == (2, 64)
+    assert {k: v.shape for k, v in aligned["sst"].items() if k.startswith(("input", "attention"))} == {
+        "input_ids": (2, 64), "attention_mask": (2, 64)}
+    for t in ("sst", "sts"):  # the same rows, only more padding
+        for k, v in free[t].items():
+            np.testing.assert_array_equal(aligned[t][k][:, : v.shape[-1]] if v.ndim == 2 else aligned[t][k], v)
+            if v.ndim == 2:
+                assert not aligned[t][k][:, v.shape[-1]:].any()
+    assert aligned["sst"]["attention_mask"].sum(1).tolist() == [5, 3]
+
+
 def test_eval_batches_in_order() -> None:
     enc = _fake_enc("sst", list(range(2, 12)))
     batches = list(eval_batches(enc, 4))

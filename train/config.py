@@ -42,12 +42,14 @@ class TrainConfig:
     dev_limit: int | None = None  # evaluate on the first N dev examples per task (None = all)
     max_len: int = 128
     buckets: tuple[int, ...] = (16, 32, 64, 128)
+    align_buckets: bool = False  # pad all tasks of a step to one bucket: fewer compiled shapes, more padding
     # model
     hidden_dropout: float = 0.3
     attention_dropout: float | None = None  # None: the checkpoint's value
     dtype: str = "float32"
     attention_impl: str = "xla"
     remat: bool = False
+    scan_layers: bool = False  # encoder layers as one lax.scan: shorter compiles
     seed: int = 0
     keep_checkpoints: int = 2
 

@@ -116,3 +116,15 @@ def experiment_config_dict(protocol: str, exp: Experiment, extra: dict[str, Any]
     d.update(ov)
     d["lr"] = d.get("lr", BASE_LR) * lr_scale
     return d
+
+
+def protocol_summary(protocol: str) -> str:
+    """One line for REPORT.md: the training settings of the protocol's summed-loss run."""
+    _, _, scale = protocol_base(protocol)
+    d = experiment_config_dict(protocol, next(e for e in EXPERIMENTS if e.name == "sum"))
+    policy = d["epoch_policy"]
+    steps = (f"{d['epochs']} epoch(s) of {policy} round-robin steps" if isinstance(policy, int)
+             else f"{d['epochs']} epochs (an epoch: the {'largest' if policy == 'max' else 'smallest'} task once)")
+    return (f"batch {d['batch_size']} per task, {steps}, learning rates = the report's × {scale:g} (Sum Losses: "
+            f"{d['lr']:g}), AdamW weight decay {d['weight_decay']:g}, hidden dropout {d['hidden_dropout']:g}, "
+            f"sequences ≤ {d['max_len']} tokens, {d['heads']['pooling']} pooling")

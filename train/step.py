@@ -42,7 +42,8 @@ class TrainState(NamedTuple):
 
 def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
     overrides: dict[str, Any] = dict(hidden_dropout_prob=cfg.hidden_dropout, dtype=cfg.dtype,
-                                     attention_impl=cfg.attention_impl, remat=cfg.remat)
+                                     attention_impl=cfg.attention_impl, remat=cfg.remat,
+                                     scan_layers=cfg.scan_layers)
     if cfg.attention_dropout is not None:
         overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
     if cfg.attention_impl == "cudnn":  # cuDNN attention has no dropout (see bert_jax/attention.py)

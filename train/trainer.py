@@ -47,7 +47,7 @@ EVAL_TASKS = ("sst", "para", "sts")
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
 RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size", "checkpoint",
-                               "attention_impl", "remat"})
+                               "attention_impl", "remat", "scan_layers"})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -264,7 +264,8 @@ def train(
                 if should_stop():
                     stopped = "signal"
                     break
-                batches = {t: D.make_batch(train_sets[t], subsets[t][plan[t][s]], cfg.batch_size, cfg.buckets) for t in cfg.tasks}
+                batches = D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size,
+                                         cfg.buckets, cfg.align_buckets)
                 if fault is not None:
                     batches = fault(global_step, batches)
                 state, m = step_fn(state, batches, dropout_key)
