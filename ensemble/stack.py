@@ -125,6 +125,13 @@ def spec_difference(a: ModelSpec, b: ModelSpec) -> str | None:
 CPU_CHUNK_TOKENS = 2560
 
 
+def resolve_chunk_tokens(chunk_tokens: int | None | str) -> int | None:
+    """`chunk_tokens` of `make_stacked_eval_fn`, with "auto" resolved: `CPU_CHUNK_TOKENS` on CPU, else None."""
+    if chunk_tokens == "auto":
+        return CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None
+    return chunk_tokens
+
+
 def rows_per_chunk(k: int, batch: int, tokens_per_row: int, chunk_tokens: int | None) -> int:
     """Rows per micro-batch: the largest divisor r of `batch` with `k * r * tokens_per_row <= chunk_tokens` (>= 1)."""
     if chunk_tokens is None:
@@ -152,8 +159,7 @@ def make_stacked_eval_fn(spec: ModelSpec, chunk_tokens: int | None | str = "auto
     micro-batching; vmap itself is ~1.1-1.2x on CPU). On an accelerator the plain vmap is the point.
     Cached per (spec, chunk_tokens), so equal specs share one jit cache.
     """
-    if chunk_tokens == "auto":
-        chunk_tokens = CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None
+    chunk_tokens = resolve_chunk_tokens(chunk_tokens)
 
     def vmapped(stacked: Params, task: str, batch: dict) -> jax.Array:
         return jax.vmap(lambda p: task_scores(p, spec.bert, spec.heads, task, batch, None))(stacked)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import bert_jax
-from ensemble.stack import CPU_CHUNK_TOKENS, make_stacked_eval_fn, stack
+from ensemble.stack import make_stacked_eval_fn, resolve_chunk_tokens, stack
 from train import data as D
 from train.heads import HeadConfig, init_heads
 from train.step import ModelSpec, make_eval_fn
@@ -104,7 +104,7 @@ def time_ensemble(
                 exe[_signature(t, b)] = fn.lower(params, t, b).compile()
         return exe, time.perf_counter() - t0
 
-    resolved_chunk = (CPU_CHUNK_TOKENS if jax.default_backend() == "cpu" else None) if chunk_tokens == "auto" else chunk_tokens
+    resolved_chunk = resolve_chunk_tokens(chunk_tokens)
     one = stack(members[:1])  # a 1-member stack, for arm d
     # arm -> (description, params per call, compiled executables, compile seconds)
     arms: dict[str, tuple[str, list, dict, float]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,6 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
     for kind, flags in (("uniform", []), ("greedy", ["--greedy"])):
         run = results / "runs" / f"soup-{kind}"
         if not (run / "soup.json").is_file():
-            import shutil
-
             shutil.rmtree(run, ignore_errors=True)  # an interrupted soup is redone
             log(f"[soup] {kind} over {len(members)} runs")
             if cli(["soup", *members, "--out", str(run), *flags, *common]):

@@ -489,6 +489,12 @@ def _pad(seqs: Sequence[np.ndarray], batch_size: int, length: int) -> tuple[np.n
     return ids, mask
 
 
+def _longest(enc: Encoded, index: np.ndarray) -> int:
+    """Token count of the longest sequence among examples `index` (both sentences of pairs); 0 if none."""
+    pairs = enc.tokens2 is not None
+    return max((max(len(enc.tokens1[i]), len(enc.tokens2[i]) if pairs else 0) for i in index), default=0)
+
+
 def make_batch(
     enc: Encoded, index: np.ndarray, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS
 ) -> dict[str, np.ndarray]:
@@ -506,7 +512,7 @@ def make_batch(
         raise ValueError(f"{len(index)} indices do not fit a batch of {batch_size}")
     seqs1 = [enc.tokens1[i] for i in index]
     seqs2 = [enc.tokens2[i] for i in index] if enc.tokens2 is not None else []
-    length = bucket_length(max((len(s) for s in seqs1 + seqs2), default=0), buckets)
+    length = bucket_length(_longest(enc, index), buckets)
     labels = np.zeros((batch_size,), dtype=enc.labels.dtype)
     labels[: len(index)] = enc.labels[index]
     valid = np.zeros((batch_size,), dtype=np.float32)
@@ -539,11 +545,7 @@ def step_batches(
     here): 16 step shapes unaligned, 3 aligned, with 1.33x the padded tokens.
     """
     if align:
-        def longest(t: str) -> int:
-            e = encs[t]
-            return max(max(len(e.tokens1[i]), len(e.tokens2[i]) if e.tokens2 is not None else 0) for i in index[t])
-
-        buckets = (bucket_length(max((longest(t) for t in index if len(index[t])), default=0), buckets),)
+        buckets = (bucket_length(max(_longest(encs[t], index[t]) for t in index), buckets),)
     return {t: make_batch(encs[t], index[t], batch_size, buckets) for t in index}
 
 

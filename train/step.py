@@ -16,6 +16,7 @@ import optax
 
 import bert_jax
 from bert_jax import BertConfig, Params
+from bert_jax.config import BERT_JAX_OPTIONS
 from train import pcgrad
 from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
@@ -41,9 +42,8 @@ class TrainState(NamedTuple):
 
 
 def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
-    overrides: dict[str, Any] = dict(hidden_dropout_prob=cfg.hidden_dropout, dtype=cfg.dtype,
-                                     attention_impl=cfg.attention_impl, remat=cfg.remat,
-                                     scan_layers=cfg.scan_layers)
+    overrides: dict[str, Any] = {k: getattr(cfg, k) for k in BERT_JAX_OPTIONS}  # same names in TrainConfig
+    overrides["hidden_dropout_prob"] = cfg.hidden_dropout
     if cfg.attention_dropout is not None:
         overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
     if cfg.attention_impl == "cudnn":  # cuDNN attention has no dropout (see bert_jax/attention.py)
