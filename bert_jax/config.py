@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,10 @@ _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 # BertConfig fields that are bert-jax options, not part of a Hugging Face config.json.
 BERT_JAX_OPTIONS = ("dtype", "attention_impl", "remat", "scan_layers")
+# Integer fields with their smallest allowed value; float fields with their allowed range.
+_INT_FIELDS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+               "intermediate_size": 1, "max_position_embeddings": 1, "type_vocab_size": 1, "pad_token_id": 0}
+_PROB_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,29 @@ class BertConfig:
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
+        # Types and ranges first (a malformed config.json must fail here, naming the key, not deep in the model).
+        for name, least in _INT_FIELDS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+            if v < least:
+                raise ValueError(f"{name} must be >= {least}, got {v}")
+        for name in (*_PROB_FIELDS, "layer_norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r} ({type(v).__name__})")
+        for name in _PROB_FIELDS:
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} must be < vocab_size {self.vocab_size}")
+        for name in ("remat", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.hidden_act, str):
+            raise ValueError(f"hidden_act must be a string, got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -86,9 +115,14 @@ class BertConfig:
             raise FileNotFoundError(f"{path}: config.json not found") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of BERT config keys, got a {type(d).__name__}")
         if d.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type is {d.get('model_type')!r}, expected 'bert'")
-        return cls.from_hf_dict(d, **overrides)
+        try:
+            return cls.from_hf_dict(d, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         hf_fields = [f.name for f in dataclasses.fields(self) if f.name not in BERT_JAX_OPTIONS]

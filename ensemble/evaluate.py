@@ -69,7 +69,14 @@ def load_models(runs: Sequence[str | Path]) -> list[Model]:
 
 
 def _vocab_digest(run: Path) -> str:
-    return hashlib.sha256((run / "vocab.txt").read_bytes()).hexdigest()
+    """sha256 of the run's tokenizer files (vocabulary and casing): runs that tokenize alike share one encoding."""
+    from bert_jax.tokenizer import TOKENIZER_FILES
+
+    h = hashlib.sha256((run / "vocab.txt").read_bytes())
+    for name in TOKENIZER_FILES[1:]:
+        if (run / name).is_file():
+            h.update(name.encode() + b"\0" + (run / name).read_bytes())
+    return h.hexdigest()
 
 
 def group_models(models: Sequence[Model]) -> list[Group]:
@@ -135,10 +142,11 @@ def model_scores(
     cache = {} if cache is None else cache
     scores: dict[str, np.ndarray] = {}
     for g in groups:
-        key = (_vocab_digest(g.vocab), g.max_len, tuple(raw))
+        cross = g.spec.heads.cross_tasks
+        key = (_vocab_digest(g.vocab), g.max_len, tuple(raw), cross)
         if key not in cache:
             tok = bert_jax.load_tokenizer(g.vocab)
-            cache[key] = {t: D.encode_task(td, tok, g.max_len) for t, td in raw.items()}
+            cache[key] = {t: D.encode_task(td, tok, g.max_len, cross=t in cross) for t, td in raw.items()}
         eval_fn = make_stacked_eval_fn(g.spec)
         for t, enc in cache[key].items():
             s = stacked_predict(eval_fn, g.params, enc, batch_size, g.buckets)

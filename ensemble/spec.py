@@ -191,16 +191,54 @@ def parse_spec(d: Any, base_dir: str | Path = ".", results_dir: str | Path | Non
     return EnsembleSpec(members=members, nodes=nodes, output=output, results_dir=root.resolve())
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, where: str):
+        super().__init__(key, where)
+        self.key, self.where = key, where
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, f"line {key_node.start_mark.line + 1}, first on line {seen[key] + 1}")
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k, "JSON object")
+        d[k] = v
+    return d
+
+
 def load_spec(path: str | Path, results_dir: str | Path | None = None, check_runs: bool = True) -> EnsembleSpec:
-    """Read a YAML (or JSON, a subset of YAML) spec file; see `parse_spec`."""
+    """Read a YAML (or JSON, a subset of YAML) spec file; see `parse_spec`. A key given twice in one mapping
+    (e.g. a member or node defined twice) is an error naming the key, not the last one silently winning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ensemble spec file not found")
     text = path.read_text()
     try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            d = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            d = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: cannot parse the spec ({e})") from None
+    except _DuplicateKey as e:
+        raise SpecError(f"{path}: duplicate key {e.key!r} ({e.where}); each key, member and node may appear "
+                        f"only once: rename or remove one") from None
     try:
         return parse_spec(d, path.parent, results_dir, check_runs)
     except SpecError as e:

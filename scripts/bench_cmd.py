@@ -4,6 +4,7 @@
                    baseline step (scripts/torch_baseline.py): same checkpoint, same initial weights,
                    same synthetic batches (sst [B, L] + para, sts pairs [B, L] each), dropout on in both.
   --what pcgrad    A = the JAX PCGrad step, B = the JAX summed-loss step, same batches.
+  --what split     A = the split step (per-task programs + one update program), B = the fused step.
   --what ensemble  A = a vmapped K-member ensemble, B = the K members one after another
                    (ensemble.timing.time_ensemble, dev batches).
   --what epoch     A = JAX, B = PyTorch: one full pass over the real training data (train split of
@@ -31,15 +32,17 @@ XLA's per-execution temporary buffer is reused instead of mmapped afresh every s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
 import time
-from collections import defaultdict
 from typing import Any, Callable
 
 import numpy as np
+
+from train.compilation import CompileEvents
 
 STEP_TASKS = ("sst", "para", "sts")
 
@@ -133,49 +136,6 @@ def stats(xs: list[float]) -> dict[str, float]:
             "max_s": float(max(xs)), "n": len(xs)}
 
 
-class CompileEvents:
-    """Sums jax.monitoring compile-event durations (trace, lowering, backend compile) while active."""
-
-    NAMES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
-             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-             "/jax/core/compile/backend_compile_duration": "backend_compile_s"}
-    _installed: "CompileEvents | None" = None
-
-    def __init__(self) -> None:
-        self.active = False
-        self.totals: dict[str, float] = defaultdict(float)
-        self.compiles = 0
-        import jax
-
-        if CompileEvents._installed is None:
-            jax.monitoring.register_event_duration_secs_listener(self._on_event)
-            CompileEvents._installed = self
-        else:  # one listener per process; reuse it
-            self.__dict__ = CompileEvents._installed.__dict__
-            self.reset()
-
-    def _on_event(self, name: str, secs: float, **kwargs: Any) -> None:
-        if self.active and name in self.NAMES:
-            self.totals[self.NAMES[name]] += secs
-            if name == "/jax/core/compile/backend_compile_duration":
-                self.compiles += 1
-
-    def reset(self) -> None:
-        self.totals = defaultdict(float)
-        self.compiles = 0
-
-    def __enter__(self) -> "CompileEvents":
-        self.active = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.active = False
-
-    def summary(self) -> dict[str, float]:
-        t = {k: round(self.totals.get(k, 0.0), 4) for k in self.NAMES.values()}
-        return {**t, "total_s": round(sum(t.values()), 4), "xla_compiles": self.compiles}
-
-
 class Timings:
     """Wall and process-CPU seconds of each repetition of the two arms."""
 
@@ -214,8 +174,10 @@ def result(what: str, a: str, b: str, t: Timings, m: dict[str, Any], **extra: An
     }
 
 
-def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TASKS) -> dict[str, dict[str, np.ndarray]]:
-    """One fixed-shape batch per task: [batch, seq] token ids, lengths in [seq/2, seq] (row 0 full), all rows valid."""
+def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TASKS,
+                      cross: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+    """One fixed-shape batch per task: [batch, seq] token ids, lengths in [seq/2, seq] (row 0 full), all rows valid.
+    Pair tasks in `cross` get one cross-encoded [batch, seq] sequence (token types 1 on the second half)."""
     rng = np.random.default_rng(seed)
     cls, sep = (101, 102) if vocab > 1000 else (2, 3)  # BERT uncased ids; the test vocab's otherwise
 
@@ -235,6 +197,11 @@ def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TA
             x, m = ids()
             n = 5 if t == "sst" else 2
             out[t] = {"input_ids": x, "attention_mask": m, "labels": rng.integers(0, n, batch).astype(np.int32), "valid": valid}
+        elif t in cross:
+            x, m = ids()
+            y = rng.integers(0, 2, batch).astype(np.float32) if t == "para" else rng.uniform(0, 5, batch).astype(np.float32)
+            types = ((np.arange(seq)[None, :] >= seq // 2) * m).astype(np.int32)
+            out[t] = {"input_ids": x, "attention_mask": m, "token_type_ids": types, "labels": y, "valid": valid}
         else:
             x1, m1 = ids()
             x2, m2 = ids()
@@ -263,7 +230,8 @@ class JaxArm:
         self.params0 = params
         tx = optimizer(cfg)
         self.state = init_state(jax.tree.map(lambda x: x.copy(), params), tx)
-        self.fn = make_train_step(self.spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune)
+        self.fn = make_train_step(self.spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune,
+                                  impl=cfg.step_impl)
         self.key = jax.random.key(seed + 1)
         self.shapes: set = set()
         self.events = CompileEvents()
@@ -282,14 +250,16 @@ class JaxArm:
         return m
 
     def compiled_shapes(self) -> int | None:
-        size = getattr(self.fn, "_cache_size", None)
-        return size() if callable(size) else None
+        """Compiled programs of the step: step shapes (fused), or per-task grads + the update (split)."""
+        fns = getattr(self.fn, "programs", (self.fn,))
+        sizes = [getattr(f, "_cache_size", None) for f in fns]
+        return sum(s() for s in sizes) if all(callable(s) for s in sizes) else None
 
 
 class TorchArm:
     """The PyTorch baseline with the JAX arm's initial params, in train mode (dropout on)."""
 
-    def __init__(self, cfg, jax_params, attn: str):
+    def __init__(self, cfg, jax_params, attn: str, device: str = "cpu", autocast_dtype=None):
         import jax
         import torch
 
@@ -299,16 +269,21 @@ class TorchArm:
         att = cfg.attention_dropout
         self.model = tb.build_model(cfg.checkpoint, hc.heads, pooling=hc.pooling, para_head=hc.para_head,
                                     sts_head=hc.sts_head, hidden_dropout=cfg.hidden_dropout, attention_dropout=att,
-                                    attn_implementation=attn, jax_params=jax.tree.map(np.asarray, jax_params))
+                                    attn_implementation=attn, jax_params=jax.tree.map(np.asarray, jax_params)).to(device)
         self.model.train()
         self.opt = tb.CS224NAdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
         self.fn = tb.make_torch_step(self.model, self.opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction,
-                                     grad_clip=cfg.grad_clip)
+                                     grad_clip=cfg.grad_clip, device=device, autocast_dtype=autocast_dtype)
+        self.device = device
         torch.manual_seed(0)
 
     def __call__(self, batches: dict) -> None:
         self.fn(batches)
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
 
 
 def seconds(fn: Callable[..., Any], *args: Any) -> float:
@@ -345,7 +320,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _cfg(args, combine="sum")
     jx = JaxArm(cfg, args.seed)
     tr = TorchArm(cfg, jx.params0, args.torch_attn)
-    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed)
+    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=cfg.heads.cross_tasks)
     with jx.events:
         first_a = seconds(jx, batches)
     first_b = seconds(tr, batches)
@@ -365,10 +340,14 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def bench_pcgrad(args: argparse.Namespace) -> dict[str, Any]:
-    """JAX PCGrad step vs JAX summed step."""
-    a, b = JaxArm(_cfg(args, combine="pcgrad"), args.seed), JaxArm(_cfg(args, combine="sum"), args.seed)
-    batches = synthetic_batches(a.spec.bert.vocab_size, args.batch, args.seq, args.seed)
+def bench_pcgrad(args: argparse.Namespace, a_cfg: dict | None = None, b_cfg: dict | None = None,
+                 labels: tuple[str, str] = ("JAX PCGrad step", "JAX summed-loss step"), what: str = "pcgrad") -> dict[str, Any]:
+    """JAX PCGrad step vs JAX summed step (or two other JAX step configs: `bench_split`)."""
+    a_cfg = {"combine": "pcgrad"} if a_cfg is None else a_cfg
+    b_cfg = {"combine": "sum"} if b_cfg is None else b_cfg
+    a, b = JaxArm(_cfg(args, **a_cfg), args.seed), JaxArm(_cfg(args, **b_cfg), args.seed)
+    cross = _cfg(args).heads.cross_tasks
+    batches = synthetic_batches(a.spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=cross)
     compile_info = {}
     for name, arm in (("a", a), ("b", b)):
         with arm.events:
@@ -380,7 +359,7 @@ def bench_pcgrad(args: argparse.Namespace) -> dict[str, Any]:
         b(batches)
     _log(args, f"compiled; timing {args.reps} reps")
     t = interleave(lambda: a(batches), lambda: b(batches), args.reps)
-    return result("pcgrad", "JAX PCGrad step", "JAX summed-loss step", t, machine(),
+    return result(what, labels[0], labels[1], t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(STEP_TASKS),
                   compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps)
 
@@ -406,7 +385,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     import bert_jax
     from train import data as D
-    from train.trainer import load_encoded
+    from train.trainer import load_encoded, task_plan
 
     threads = _set_threads()
     cfg = _cfg(args, combine="sum")
@@ -419,10 +398,11 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     def one_pass(arm) -> None:
         t0 = time.perf_counter()
-        encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit)
+        encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit, cross=cfg.heads.cross_tasks)
         data_s["a" if arm is jx else "b"].append(time.perf_counter() - t0)
         sizes = {t: len(e) for t, e in encs.items()}
-        plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, 0, "max")
+        lengths = {t: D.example_lengths(e) for t, e in encs.items()}
+        plan = task_plan(dataclasses.replace(cfg, epoch_policy="max"), sizes, lengths, 0)
         steps = D.epoch_steps(sizes, cfg.batch_size, "max")
         last = None
         for s in range(steps):
@@ -453,7 +433,13 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-KINDS = {"step": bench_step, "pcgrad": bench_pcgrad, "ensemble": bench_ensemble, "epoch": bench_epoch}
+def bench_split(args: argparse.Namespace) -> dict[str, Any]:
+    """The split step (per-task programs + update) vs the fused step, same batches (train.step)."""
+    return bench_pcgrad(args, {"step_impl": "split"}, {"step_impl": "fused"},
+                        ("JAX split step (per-task programs + update)", "JAX fused step (one program)"), "split")
+
+
+KINDS = {"step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split, "ensemble": bench_ensemble, "epoch": bench_epoch}
 
 
 def _summary_line(r: dict[str, Any]) -> str:

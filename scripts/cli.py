@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+
+def _strict(obj):
+    """`obj` with every non-finite float (NaN, ±inf) as None, so that it prints as strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def json_line(obj) -> str:
+    """Strict JSON (RFC 8259) of `obj`: non-finite floats are written as null, never NaN / -Infinity."""
+    return json.dumps(_strict(obj), allow_nan=False)
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -13,7 +30,7 @@ def _parity(args: argparse.Namespace) -> int:
     diffs = compare(args.checkpoint, batch=args.batch, seq=args.seq, seed=args.seed)
     worst = max(diffs.values())
     ok = worst <= args.tol
-    print(json.dumps({"checkpoint": args.checkpoint, **diffs, "tolerance": args.tol, "ok": ok}))
+    print(json_line({"checkpoint": args.checkpoint, **diffs, "tolerance": args.tol, "ok": ok}))
     return 0 if ok else 1
 
 
@@ -35,6 +52,8 @@ def _train(args: argparse.Namespace) -> int:
         own = Path(args.out) / "config.yaml"
         config = str(own) if args.resume and own.is_file() else "report"
     cfg = resolve_config(config, args.overrides, seed=args.seed, max_steps=args.steps, checkpoint=args.checkpoint)
+    if args.framework == "torch":
+        return _train_torch(cfg, args)
     from train.sharding import from_args, is_main_process
 
     dp = from_args(args)  # --mesh / multi-host (jax.distributed) before any JAX computation
@@ -59,13 +78,18 @@ def _train(args: argparse.Namespace) -> int:
         elif e["event"] == "step":
             bar.update(e["step"] - bar.n)
             bar.set_postfix(loss=f"{e['loss']:.3f}", steps_s=f"{e['steps_per_s']:.2f}")
+        elif e["event"] == "overwrite":
+            kept = f"; keeping {', '.join(e['keeping'])}" if e["keeping"] else ""
+            print(f"bert-jax train: --overwrite: deleting {', '.join(e['deleting'])} in {e['run']}{kept}", file=sys.stderr)
+        elif e["event"] == "note":
+            print(f"bert-jax train: note: {e['message']}", file=sys.stderr)
         elif e["event"] == "eval":
             shown = {k: round(v, 4) for k, v in e.items() if isinstance(v, float)}
             tqdm.write(f"dev @ step {e['step']} (epoch {e['epoch']}): {json.dumps(shown)}{'  [best]' if e['best'] else ''}", file=sys.stderr)
 
     try:
         result = train(cfg, args.data_dir, args.out, resume=args.resume, log=log, should_stop=lambda: stop["sig"] is not None,
-                       dp=dp)
+                       dp=dp, overwrite=args.overwrite)
     except NonFiniteLoss as e:
         print(f"bert-jax train: error: {e}", file=sys.stderr)
         return 3
@@ -74,11 +98,46 @@ def _train(args: argparse.Namespace) -> int:
             bar.close()
         for s, h in previous.items():
             signal.signal(s, h)
-    print(json.dumps(result))
+    print(json_line(result))
+    if not result["stopped"] and is_main_process():
+        shown = ", ".join(f"{t} {result[t]:.4f}" for t in ("sst", "para", "sts", "cfimdb", "overall") if t in result)
+        print(f"final dev metrics (step {result['step']}): {shown}\n"
+              f"best dev overall {result['best_overall']:.4f}; best checkpoint: {result['best_checkpoint']}\n"
+              f"wall {result['wall_s'] / 60:.1f} min; compiling {result['compile_s']:.1f} s "
+              f"({result['xla_compiles']} XLA compiles, {result['compile_cache_hits']} loaded from the compile cache)",
+              file=sys.stderr)
     if result["stopped"]:
         print(f"bert-jax train: interrupted by signal {stop['sig']}; checkpoint saved at step {result['step']}, "
               f"continue with --resume", file=sys.stderr)
         return 128 + int(stop["sig"])
+    return 0
+
+
+def _train_torch(cfg, args: argparse.Namespace) -> int:
+    """`train --framework torch`: the PyTorch baseline trains the same config on the same batches
+    (scripts/torch_baseline.train_torch); final dev metrics to stdout and OUT/torch.json."""
+    import platform
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from scripts.torch_baseline import train_torch
+    from train.data import resolve_data_dir
+
+    out = Path(args.out)
+    if (out / "torch.json").exists():
+        raise UserError(f"{out / 'torch.json'} exists; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    metrics = train_torch(cfg, resolve_data_dir(args.data_dir), log=lambda m: None if args.quiet else print(m, file=sys.stderr))
+    record = {**metrics, "framework": "torch", "wall_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "config": cfg.to_dict()}
+    (out / "torch.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps({k: v for k, v in record.items() if k != "config"}))
+    shown = ", ".join(f"{t} {metrics[t]:.4f}" for t in ("sst", "para", "sts", "overall") if t in metrics)
+    print(f"final dev metrics (PyTorch baseline): {shown}; wall {record['wall_s'] / 60:.1f} min", file=sys.stderr)
     return 0
 
 
@@ -95,15 +154,19 @@ def _load_run_for_eval(run: str, args: argparse.Namespace | None = None):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import bert_jax
     from train.data import resolve_data_dir
-    from train.trainer import EVAL_TASKS, evaluate, load_encoded
+    from train.trainer import EVAL_TASKS, check_token_ids, evaluate, load_encoded
 
     cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
-    tok = bert_jax.load_tokenizer(args.run)
-    encs, raw = load_encoded(resolve_data_dir(args.data_dir), EVAL_TASKS, args.split, tok, cfg.max_len)
+    tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
+    encs, raw = load_encoded(resolve_data_dir(args.data_dir), EVAL_TASKS, args.split, tok, cfg.max_len,
+                             cross=cfg.heads.cross_tasks)
+    check_token_ids(encs, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
     metrics, _ = evaluate(eval_fn, params, encs, cfg.eval_batch_size, cfg.buckets)
-    print(json.dumps({"run": args.run, "split": args.split, **metrics}))
+    print(json_line({"run": args.run, "split": args.split, **metrics}))
     return 0
 
 
@@ -116,26 +179,32 @@ def _predict(args: argparse.Namespace) -> int:
     from train import data as D
     from train.predict import write_leaderboard_file
     from train.sharding import is_main_process
-    from train.trainer import EVAL_TASKS, predict_scores
+    from train.trainer import EVAL_TASKS, check_token_ids, predict_scores
 
-    cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
-    tok = bert_jax.load_tokenizer(args.run)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.input and not args.task:
         raise UserError("--input needs --task")
+    cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
+    tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # --input FILE: the output is named after FILE, so it never replaces the split's own prediction file
+    label = None
+    if args.input:
+        label = Path(args.input).stem
+        label = f"{label}-input" if label in D.SPLITS else label
     tasks = (args.task,) if args.task else EVAL_TASKS
     data_dir = None if args.input else D.resolve_data_dir(args.data_dir)
     saved = {}
     for t in tasks:
-        td = D.load_task(data_dir, t, args.split, path=args.input)
+        td = D.load_task(data_dir, t, args.split, path=args.input, read_labels=False)  # labels are not needed
         if td.skipped:
             print(D.summarize_skipped([td]), file=sys.stderr)
-        enc = D.encode_task(td, tok, cfg.max_len)
+        enc = D.encode_task(td, tok, cfg.max_len, cross=t in cfg.heads.cross_tasks)
+        check_token_ids({t: enc}, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
         scores = predict_scores(eval_fn, params, enc, cfg.eval_batch_size, cfg.buckets)
         saved[f"{t}_scores"], saved[f"{t}_ids"] = scores, np.asarray(enc.ids)
         if is_main_process():  # multi-host: every process has the scores, one writes
-            path = write_leaderboard_file(out, t, args.split, enc.ids, scores)
+            path = write_leaderboard_file(out, t, args.split, enc.ids, scores, label=label)
             print(f"wrote {path} ({len(enc.ids)} rows)", file=sys.stderr)
     if args.scores and is_main_process():
         np.savez(args.scores, **saved)
@@ -144,6 +213,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bert-jax", description=__doc__)
+    parser.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                        help="JAX persistent compilation cache (default: $BERT_JAX_COMPILE_CACHE, else "
+                             "~/.cache/bert-jax/jax; 'off' disables it)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("parity", help="max abs difference of bert_jax vs transformers' BertModel")
@@ -163,7 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="'embedded' or a local HF BERT directory")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a bert-jax run: start it over (its checkpoints, metrics and run files are "
+                        "deleted, announced on stderr first; other files are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--framework", choices=["jax", "torch"], default="jax",
+                   help="torch: the PyTorch baseline trains the same config on the same batches (final dev metrics "
+                        "in OUT/torch.json)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. lr=3e-5 combine=pcgrad heads.sts_head=cosine)")
     add_mesh_args(p)
     p.set_defaults(func=_train)
@@ -181,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--task", choices=["sst", "para", "sts", "cfimdb"], default=None, help="only this task")
-    p.add_argument("--input", default=None, help="predict this file (of --task's format) instead of the split's")
+    p.add_argument("--input", default=None, help="predict this file (of --task's format) instead of the split's; "
+                   "writes <task>-<file name>-output.csv")
     p.add_argument("--scores", default=None, help="also save raw per-task scores and ids to this .npz")
     add_mesh_args(p)
     p.set_defaults(func=_predict)
@@ -213,7 +292,7 @@ def add_mesh_args(parser: argparse.ArgumentParser, distributed: bool = True) -> 
                        help="multi-host: jax.distributed.initialize() with auto-detection (SLURM, Open MPI, TPU)")
 
 
-_COMMAND_MODULES = ("scripts.ensemble_cmd", "scripts.bench_cmd", "scripts.experiments_cmd")
+_COMMAND_MODULES = ("scripts.ensemble_cmd", "scripts.bench_cmd", "scripts.experiments_cmd", "scripts.gpu_check_cmd")
 
 
 class UserError(Exception):
@@ -224,8 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational warnings
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow flags (`train ... --quiet seed=0`): argparse leaves those unparsed
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     try:
+        if args.command != "parity":
+            from train.compilation import enable_cache
+
+            enable_cache(args.compile_cache)
         return args.func(args)
     except (UserError, FileNotFoundError, ValueError, OSError) as e:
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)

@@ -87,53 +87,6 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
     return {k: {m: v for m, v in r.items() if m in TASK_COLS} for k, r in out.items()}
 
 
-def train_torch(cfg, data_dir: Path) -> dict[str, float]:
-    """Train the PyTorch baseline (scripts/torch_baseline.py) exactly as `train.trainer.train` schedules JAX:
-    same initial weights (the JAX init for `cfg.seed`, copied in), same round-robin plan, same batches,
-    CS224N AdamW, constant lr; then dev metrics of the final model. Returns the metrics."""
-    import jax
-    import numpy as np
-    import torch
-
-    import bert_jax
-    from scripts.torch_baseline import CS224NAdamW, build_model, make_torch_step, to_torch_batch
-    from train import data as D
-    from train.metrics import summarize, task_metric
-    from train.step import init_model
-    from train.trainer import EVAL_TASKS, _subset, load_encoded
-
-    torch.manual_seed(cfg.seed)
-    tok = bert_jax.load_tokenizer(cfg.checkpoint)
-    train_sets, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len)
-    dev_sets, _ = load_encoded(data_dir, EVAL_TASKS, "dev", tok, cfg.max_len, cfg.dev_limit)
-    _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
-    model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
-                        sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
-                        attention_dropout=cfg.attention_dropout, jax_params=jax.device_get(params))
-    opt = CS224NAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.b1, cfg.b2),
-                      eps=cfg.eps, weight_decay=cfg.weight_decay)
-    step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction)
-    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
-    sizes = {t: len(s) for t, s in subsets.items()}
-    per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
-    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
-    model.train()
-    for g in range(total):
-        epoch, s = divmod(g, per_epoch)
-        if s == 0:
-            plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy)
-        step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size, cfg.buckets,
-                            cfg.align_buckets))
-    model.eval()
-    metrics = {}
-    with torch.inference_mode():
-        for t, enc in dev_sets.items():
-            scores = np.concatenate([model.scores(t, to_torch_batch(b)).float().numpy()
-                                     for b in D.eval_batches(enc, cfg.eval_batch_size, cfg.buckets)])[: len(enc)]
-            metrics[t] = task_metric(t, scores, enc.labels)
-    return summarize(metrics)
-
-
 def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, checkpoint: str | None,
                        log: Callable[[str], None]) -> dict | None:
     """The PyTorch baseline's summed-loss model under the same protocol and data order (torch-sum.json)."""
@@ -146,6 +99,8 @@ def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, 
     extra = {"seed": seed} | ({"checkpoint": checkpoint} if checkpoint else {})
     cfg = TrainConfig.from_dict(experiment_config_dict(protocol, sum_exp, extra))
     log("[torch] sum: PyTorch baseline, summed losses")
+    from scripts.torch_baseline import train_torch
+
     t0 = time.perf_counter()
     metrics = train_torch(cfg, data_dir)
     record = {k: metrics[k] for k in TASK_COLS if k in metrics} | {"wall_s": time.perf_counter() - t0}

@@ -11,13 +11,16 @@ mirror the JAX implementation exactly:
 * heads (`train/heads.py`): sentence embedding = pooler output ("cls") or masked mean ("mean");
   sst / cfimdb: linear over the dropped-out embedding; para / sts "pair": linear over the
   dropped-out ``[u, v, |u-v|, u*v]``; "cosine": ``scale * cos + bias`` (para), ``2.5 (1 + cos)``
-  (sts), norms clamped at 1e-8 (as ``sqrt(max(||x||^2, 1e-16))``). Head dropout rate = the
-  encoder's hidden dropout. Pair tasks run both sentences through the encoder as one ``[2B, L]`` batch.
+  (sts), "cosine_relu": ``5 max(cos, 0)`` (sts), norms clamped at 1e-8 (as ``sqrt(max(||x||^2, 1e-16))``);
+  "cross": the pair as one ``[CLS] a [SEP] b [SEP]`` sequence with its token types, linear over its
+  dropped-out embedding. Head dropout rate = the encoder's hidden dropout. Siamese pair tasks run both
+  sentences through the encoder as one ``[2B, L]`` batch.
 * losses (`train/losses.py`): CE (sst, cfimdb), BCE-with-logits (para), MSE (sts), each a masked
   mean over ``batch["valid"]``: ``sum(loss * valid) / max(sum(valid), 1)``.
 * combine: ``sum`` / ``mean`` of the task losses, or PCGrad (`pcgrad_combine`, a naive per-task
   loop over flattened encoder gradients; heads get the sum of their task gradients).
-* optimizer: `CS224NAdamW`, the CS224N minBERT update (see its docstring), constant lr.
+* optimizer: `CS224NAdamW`, the CS224N minBERT update (see its docstring); per-group ``lr_scale``
+  multipliers (head lr, layer-wise decay) and a per-step learning rate (`make_torch_step(lr_at=...)`).
 
 Batches are the numpy dicts of `train.data.make_batch` (``{task: batch}`` per step).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -77,6 +81,8 @@ class TorchMultitask(nn.Module):
             kind = {"para": spec.para_head, "sts": spec.sts_head}.get(task, "single")
             if kind == "single":
                 heads[task] = nn.Linear(h, NUM_CLASSES[task])
+            elif kind == "cross":
+                heads[task] = nn.Linear(h, 1)
             elif kind == "pair":
                 heads[task] = nn.Linear(4 * h, 1)
             elif task == "para":  # cosine
@@ -84,12 +90,14 @@ class TorchMultitask(nn.Module):
                 m.scale = nn.Parameter(torch.tensor(5.0))
                 m.bias = nn.Parameter(torch.tensor(0.0))
                 heads[task] = m
-            else:  # sts cosine: no parameters
+            elif kind in ("cosine", "cosine_relu"):  # sts: no parameters
                 heads[task] = nn.Module()
+            else:
+                raise ValueError(f"unknown {task} head {kind!r}")
         self.heads = nn.ModuleDict(heads)
 
-    def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids) if types is None else types)
         if self.spec.pooling == "cls":
             return out.pooler_output
         m = mask.to(out.last_hidden_state.dtype)[..., None]
@@ -100,14 +108,19 @@ class TorchMultitask(nn.Module):
         head = self.heads[task]
         if task in SINGLE_TASKS:
             return head(self.drop(self._embed(batch["input_ids"], batch["attention_mask"])))
+        kind = self.spec.para_head if task == "para" else self.spec.sts_head
+        if kind == "cross":
+            emb = self._embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            return head(self.drop(emb))[:, 0]
         ids = torch.cat([batch["input_ids_1"], batch["input_ids_2"]], 0)
         mask = torch.cat([batch["attention_mask_1"], batch["attention_mask_2"]], 0)
         u, v = self._embed(ids, mask).chunk(2, 0)
-        kind = self.spec.para_head if task == "para" else self.spec.sts_head
-        if kind == "cosine":
+        if kind in ("cosine", "cosine_relu"):
             eps = 1e-8
             norm = lambda x: (x * x).sum(-1).clamp_min(eps * eps).sqrt()  # = max(||x||, eps); zero grad at x = 0
             cos = (u * v).sum(-1) / (norm(u) * norm(v))
+            if kind == "cosine_relu":
+                return 5.0 * torch.relu(cos)
             return head.scale * cos + head.bias if task == "para" else 2.5 * (1.0 + cos)
         feats = self.drop(torch.cat([u, v, (u - v).abs(), u * v], -1))
         return head(feats)[:, 0]
@@ -173,12 +186,13 @@ class CS224NAdamW(torch.optim.Optimizer):
         p = p - alpha_t * m / (sqrt(v) + eps)       # eps on the UNcorrected sqrt(v)
         p = p - lr * wd * p                         # decoupled decay, a separate subtraction
 
-    (the bias corrections are computed in float64 on the host).
+    (the bias corrections are computed in float64 on the host). A param group's ``lr_scale`` (default 1)
+    multiplies its Adam step, not its decay (as `train.optim.scale_by_tree` in the JAX chain).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_scale=1.0))
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -203,7 +217,7 @@ class CS224NAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(ms, grads, alpha=1.0 - b1)
                 torch._foreach_mul_(vs, b2)
                 torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
-                alpha = lr * math.sqrt(-math.expm1(t * math.log(b2))) / -math.expm1(t * math.log(b1))
+                alpha = lr * group["lr_scale"] * math.sqrt(-math.expm1(t * math.log(b2))) / -math.expm1(t * math.log(b1))
                 denom = torch._foreach_sqrt(vs)
                 torch._foreach_add_(denom, eps)
                 torch._foreach_addcdiv_(ps, ms, denom, value=-alpha)
@@ -212,12 +226,14 @@ class CS224NAdamW(torch.optim.Optimizer):
         return None
 
 
-def to_torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy batch (int32 ids / masks, labels, valid) -> torch tensors (ids and masks as int64)."""
+def to_torch_batch(batch: dict[str, np.ndarray], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """numpy batch (int32 ids / masks / token types, labels, valid) -> torch tensors (ids, masks and types as
+    int64), on `device` (default: the CPU)."""
     out = {}
     for k, v in batch.items():
         t = torch.from_numpy(np.asarray(v))
-        out[k] = t.long() if k.startswith(("input_ids", "attention_mask")) else t
+        t = t.long() if k.startswith(("input_ids", "attention_mask", "token_type_ids")) else t
+        out[k] = t if device is None else t.to(device, non_blocking=True)
     return out
 
 
@@ -229,6 +245,9 @@ def make_torch_step(
     pcgrad_reduction: str = "sum",
     pcgrad_orders: Callable[[int], Sequence[Sequence[int]] | None] | None = None,
     grad_clip: float | None = None,
+    lr_at: Callable[[int], float] | None = None,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Callable[[dict[str, dict[str, np.ndarray]]], dict[str, float]]:
     """A `step(batches) -> metrics` doing forward, backward, combine and the optimizer update.
 
@@ -236,6 +255,9 @@ def make_torch_step(
     train mode. ``combine``: "sum" | "mean" | "pcgrad". ``pcgrad_orders(step_index)`` may give the
     task visiting order of every task (default: fixed order ``0..T-1``). After the call the applied
     gradients are in ``p.grad``. Metrics: ``loss_<task>``, ``loss`` (sum), ``pcgrad_projections``.
+    ``lr_at(step_index)``: the learning rate of each update (step 0 first; default: the optimizer's own).
+    ``device``: where the batches go (the model's device). ``autocast_dtype`` (e.g. ``torch.bfloat16``):
+    forward under ``torch.autocast`` (mixed precision, fp32 parameters and optimizer), as JAX's ``dtype``.
     """
     if combine not in ("sum", "mean", "pcgrad"):
         raise ValueError(f"combine must be sum, mean or pcgrad, got {combine!r}")
@@ -245,10 +267,12 @@ def make_torch_step(
 
     def step(batches: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
-        tb = {t: to_torch_batch(batches[t]) for t in tasks}
+        tb = {t: to_torch_batch(batches[t], device) for t in tasks}
         metrics: dict[str, float] = {}
         if combine in ("sum", "mean"):
-            losses = {t: task_loss(t, model.scores(t, tb[t]), tb[t]) for t in tasks}
+            with torch.autocast(device_type=torch.device(device or "cpu").type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                losses = {t: task_loss(t, model.scores(t, tb[t]).float(), tb[t]) for t in tasks}
             total = sum(losses.values())
             (total / len(tasks) if combine == "mean" else total).backward()
         else:
@@ -271,6 +295,9 @@ def make_torch_step(
                 p.grad = torch.zeros_like(p)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(counter["step"])
         opt.step()
         counter["step"] += 1
         metrics.update({f"loss_{t}": float(l.detach()) for t, l in losses.items()})
@@ -305,6 +332,24 @@ def _head_names(model: TorchMultitask) -> list[tuple[tuple[str, ...], str, bool]
 def _mapping(model: TorchMultitask, jax_bert_tree: dict) -> list[tuple[tuple[str, ...], str, bool]]:
     bert = [(("bert",) + path, f"bert.{name}", tr) for path, name, tr in _bert_names(jax_bert_tree)]
     return bert + _head_names(model)
+
+
+def param_groups(model: TorchMultitask, jax_bert_tree: dict, lr_scale: dict | None = None) -> list[dict]:
+    """Trainable parameters as optimizer param groups, one per distinct learning-rate multiplier.
+
+    ``lr_scale``: a tree in the JAX layout (``train.optim.lr_multipliers``) of floats; None = one group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if lr_scale is None:
+        return [{"params": trainable}]
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(lr_scale)
+    named = dict(model.named_parameters())
+    groups: dict[float, list] = {}
+    for path, name, _ in _mapping(model, jax_bert_tree):
+        if named[name].requires_grad:
+            groups.setdefault(float(flat[path]), []).append(named[name])
+    return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
 
 
 @torch.no_grad()
@@ -364,3 +409,58 @@ def build_model(
     if jax_params is not None:
         load_jax_params(model, jax_params)
     return model
+
+
+def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: None) -> dict[str, float]:
+    """Train this baseline exactly as `train.trainer.train` schedules JAX (`bert-jax train --framework torch`):
+    same initial weights (the JAX init for `cfg.seed`, copied in), same round-robin plan, same batches,
+    CS224N AdamW with the same learning-rate schedule and multipliers, gradient clipping; then dev metrics
+    of the final model. Returns the metrics. `log` gets a progress line every 100 steps."""
+    import jax
+
+    import bert_jax
+    from train import data as D
+    from train.metrics import summarize, task_metric
+    from train.optim import OptimConfig, lr_multipliers, make_schedule
+    from train.step import init_model
+    from train.trainer import EVAL_TASKS, _subset, load_encoded, predict_scores, subset_lengths, task_plan
+
+    torch.manual_seed(cfg.seed)
+    tok = bert_jax.load_tokenizer(cfg.checkpoint)
+    cross = cfg.heads.cross_tasks
+    train_sets, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, cross=cross)
+    dev_sets, _ = load_encoded(data_dir, EVAL_TASKS, "dev", tok, cfg.max_len, cfg.dev_limit, cross=cross)
+    _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+    model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
+                        sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
+                        attention_dropout=cfg.attention_dropout, jax_params=jax.device_get(params))
+    scales = None
+    if cfg.head_lr_scale != 1.0 or cfg.layer_lr_decay != 1.0:
+        scales = lr_multipliers(params, cfg.head_lr_scale, cfg.layer_lr_decay)
+    opt = CS224NAdamW(param_groups(model, params["bert"], scales), lr=cfg.lr, betas=(cfg.b1, cfg.b2),
+                      eps=cfg.eps, weight_decay=cfg.weight_decay)
+    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
+    sizes = {t: len(s) for t, s in subsets.items()}
+    lengths = subset_lengths(train_sets, subsets)
+    per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule))
+    step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.grad_clip,
+                           lr_at=lambda i: float(schedule(i)))
+    model.train()
+    t0 = time.perf_counter()
+    for g in range(total):
+        epoch, s = divmod(g, per_epoch)
+        if s == 0:
+            plan = task_plan(cfg, sizes, lengths, epoch)
+        m = step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size, cfg.buckets,
+                                cfg.align_buckets))
+        if (g + 1) % 100 == 0:
+            log(f"[torch] step {g + 1}/{total}: loss {m['loss']:.4f}, {(g + 1) / (time.perf_counter() - t0):.2f} steps/s")
+    model.eval()
+    metrics = {}
+    eval_fn = lambda _params, task, batch: model.scores(task, to_torch_batch(batch)).float().numpy()  # noqa: E731
+    with torch.inference_mode():
+        for t, enc in dev_sets.items():
+            metrics[t] = task_metric(t, predict_scores(eval_fn, None, enc, cfg.eval_batch_size, cfg.buckets), enc.labels)
+    return summarize(metrics)

@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from train.data import (
+    example_lengths,
+    length_order,
     DEFAULT_BUCKETS,
     PAIR_TASKS,
     TASK_FILES,
@@ -346,6 +348,25 @@ def test_encode_task_real_tokenizer(tokenizer) -> None:
     assert encode_task(_taskdata("cfimdb", ["x"]), tokenizer).labels.dtype == np.int32
 
 
+def test_encode_task_cross_pairs_as_the_tokenizer_pairs_them(tokenizer) -> None:
+    """cross=True: one [CLS] a [SEP] b [SEP] sequence with token types, as transformers encodes a text pair
+    (truncation longest-first), batched like a single sentence plus token_type_ids."""
+    a, b = ["What is it?", "b " * 40], ["What's that?", "c d e"]
+    penc = encode_task(_taskdata("para", a, b, labels=np.array([1.0, 0.0], np.float32)), tokenizer, max_len=24, cross=True)
+    assert penc.tokens2 is None and penc.types1 is not None
+    for i in range(2):
+        want = tokenizer(a[i], b[i], truncation="longest_first", max_length=24)
+        assert penc.tokens1[i].tolist() == want["input_ids"] and penc.types1[i].tolist() == want["token_type_ids"]
+    assert len(penc.tokens1[1]) == 24 and penc.types1[0].tolist().count(1) == len(tokenizer.tokenize("What's that?")) + 1
+    batch = make_batch(penc, np.arange(2), 3, (16, 32))
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "valid"}
+    assert batch["token_type_ids"].shape == (3, 32) and batch["labels"].dtype == np.float32
+    assert batch["token_type_ids"][0, : len(penc.types1[0])].tolist() == penc.types1[0].tolist()
+    assert batch["token_type_ids"][2].sum() == 0  # the padding row
+    with pytest.raises(ValueError, match="only pair tasks"):
+        encode_task(_taskdata("sst", ["x"]), tokenizer, cross=True)
+
+
 def _fake_enc(task: str, lens1: list[int], lens2: list[int] | None = None) -> Encoded:
     toks = lambda lens: tuple(np.arange(1, n + 1, dtype=np.int32) + 100 for n in lens)  # noqa: E731
     pair = lens2 is not None
@@ -481,3 +502,35 @@ def test_csv_writer_roundtrip(tmp_path: Path) -> None:
     assert not d.skipped
     assert list(d.sentences1) == sents and list(d.sentences2) == [s[::-1] for s in sents]
     assert d.labels.tolist() == [float(k % 2) for k in range(len(sents))]
+
+
+def test_length_grouping_keeps_each_window_and_sorts_batches() -> None:
+    """length_window W: every window of W steps trains the same examples as the plain plan, each batch's
+    lengths are a contiguous run of the window's sorted lengths, and the plan stays deterministic."""
+    sizes = {"sst": 50, "para": 37}
+    rng = np.random.default_rng(0)
+    lengths = {t: rng.integers(3, 100, n) for t, n in sizes.items()}
+    plain = epoch_plan(sizes, 4, 7, 2, 10)
+    grouped = epoch_plan(sizes, 4, 7, 2, 10, lengths=lengths, length_window=3)
+    again = epoch_plan(sizes, 4, 7, 2, 10, lengths=lengths, length_window=3)
+    for t in sizes:
+        assert np.array_equal(grouped[t], again[t])
+        for start in range(0, 10, 3):
+            a, b = plain[t][start : start + 3], grouped[t][start : start + 3]
+            assert sorted(a.reshape(-1).tolist()) == sorted(b.reshape(-1).tolist())
+            window_sorted = np.sort(lengths[t][a.reshape(-1)])
+            runs = {tuple(window_sorted[k : k + 4]) for k in range(0, len(window_sorted), 4)}
+            assert {tuple(np.sort(lengths[t][row])) for row in b} == runs
+        spread = lambda p: np.mean([np.ptp(lengths[t][row]) for row in p])  # noqa: E731
+        assert spread(grouped[t]) < 0.6 * spread(plain[t])
+    with pytest.raises(ValueError, match="lengths"):
+        epoch_plan(sizes, 4, 7, 2, 10, length_window=3)
+
+
+def test_eval_batches_in_length_order_and_unsorted_scores() -> None:
+    enc = _fake_enc("sst", [9, 2, 30, 5, 17])
+    order = length_order(enc)
+    assert order.tolist() == [1, 3, 0, 4, 2]
+    batches = list(eval_batches(enc, 2, (4, 8, 16, 32), order))
+    assert [b["input_ids"].shape[1] for b in batches] == [8, 32, 32]  # (2, 5) | (9, 17) | (30,)
+    assert example_lengths(_fake_enc("para", [3, 9], [7, 2])).tolist() == [7, 9]

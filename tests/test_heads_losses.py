@@ -47,7 +47,14 @@ def _ids(seed: int, lengths: list[int], vocab: int = 99) -> tuple[np.ndarray, np
     return ids, mask
 
 
-def _batch(task: str) -> dict[str, np.ndarray]:
+def _batch(task: str, kind: str = "pair") -> dict[str, np.ndarray]:
+    if kind == "cross":  # [CLS] a [SEP] b [SEP]: token type 1 from the second sentence on
+        ids, mask = _ids(5, [9, 5, 7, 4])
+        types = np.zeros_like(ids)
+        for r, (n, sep) in enumerate(zip([9, 5, 7, 4], [4, 2, 3, 1])):
+            ids[r, sep] = 3
+            types[r, sep + 1 : n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     if task in ("sst", "cfimdb"):
         ids, mask = _ids(0, [9, 4, 6, 2])
         return {"input_ids": ids, "attention_mask": mask}
@@ -65,9 +72,10 @@ def _perturbed_heads(hc: HeadConfig, hidden: int) -> dict:
                                               jnp.float32), heads)
 
 
-def _torch_embed(model, ids: np.ndarray, mask: np.ndarray, pooling: str) -> "torch.Tensor":
+def _torch_embed(model, ids: np.ndarray, mask: np.ndarray, pooling: str, types: np.ndarray | None = None) -> "torch.Tensor":
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long))
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                    token_type_ids=None if types is None else torch.tensor(types, dtype=torch.long))
     if pooling == "cls":
         return out.pooler_output
     m = torch.tensor(mask, dtype=torch.float32)[..., None]
@@ -80,9 +88,14 @@ def _torch_scores(model, head: dict, hc: HeadConfig, task: str, batch: dict) -> 
     if task in ("sst", "cfimdb"):
         x = _torch_embed(model, batch["input_ids"], batch["attention_mask"], hc.pooling)
         return F.linear(x, t["kernel"].T, t["bias"]).numpy()
+    kind = hc.para_head if task == "para" else hc.sts_head
+    if kind == "cross":
+        x = _torch_embed(model, batch["input_ids"], batch["attention_mask"], hc.pooling, batch["token_type_ids"])
+        return F.linear(x, t["kernel"].T, t["bias"])[:, 0].numpy()
     u = _torch_embed(model, batch["input_ids_1"], batch["attention_mask_1"], hc.pooling)
     v = _torch_embed(model, batch["input_ids_2"], batch["attention_mask_2"], hc.pooling)
-    kind = hc.para_head if task == "para" else hc.sts_head
+    if kind == "cosine_relu":
+        return (5.0 * torch.clamp(F.cosine_similarity(u, v, dim=-1), min=0.0)).numpy()
     if kind == "cosine":
         cos = F.cosine_similarity(u, v, dim=-1)
         return (t["scale"] * cos + t["bias"]).numpy() if task == "para" else (2.5 * (cos + 1.0)).numpy()
@@ -90,22 +103,24 @@ def _torch_scores(model, head: dict, hc: HeadConfig, task: str, batch: dict) -> 
     return F.linear(feats, t["kernel"].T, t["bias"])[:, 0].numpy()
 
 
-CASES = [("sst", "pair"), ("cfimdb", "pair"), ("para", "pair"), ("para", "cosine"), ("sts", "pair"), ("sts", "cosine")]
+CASES = [("sst", "pair"), ("cfimdb", "pair"), ("para", "pair"), ("para", "cosine"), ("sts", "pair"), ("sts", "cosine"),
+         ("para", "cross"), ("sts", "cross"), ("sts", "cosine_relu")]
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("task, kind", CASES)
 def test_task_scores_match_torch(tiny, task, kind, pooling):
     config, bert_params, model = tiny
-    hc = HeadConfig(pooling=pooling, para_head=kind, sts_head=kind, heads=("sst", "cfimdb", "para", "sts"))
+    hc = HeadConfig(pooling=pooling, para_head=kind if task == "para" else "pair", sts_head=kind if task == "sts" else "pair",
+                    heads=("sst", "cfimdb", "para", "sts"))
     heads = _perturbed_heads(hc, config.hidden_size)
-    batch = _batch(task)
+    batch = _batch(task, kind)
     got = np.asarray(task_scores({"bert": bert_params, "heads": heads}, config, hc, task, batch))
     want = _torch_scores(model, heads[task], hc, task, batch)
     expected_shape = {"sst": (B, 5), "cfimdb": (B, 2), "para": (B,), "sts": (B,)}[task]
     assert got.shape == expected_shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
-    if kind == "cosine" and task == "sts":
+    if kind in ("cosine", "cosine_relu") and task == "sts":
         assert np.all((got >= -1e-5) & (got <= 5 + 1e-5))  # on the label scale
         assert got[3] == pytest.approx(5.0, abs=1e-5)  # identical sentences -> 5
 
@@ -118,6 +133,11 @@ def test_head_parameter_shapes():
     assert pair["para"]["kernel"].shape == (4 * hidden, 1) and pair["sts"]["kernel"].shape == (4 * hidden, 1)
     cos = init_heads(HeadConfig(para_head="cosine", sts_head="cosine"), hidden, jax.random.key(0))
     assert set(cos["para"]) == {"scale", "bias"} and cos["sts"] == {}
+    cross = init_heads(HeadConfig(para_head="cross", sts_head="cosine_relu"), hidden, jax.random.key(0))
+    assert cross["para"]["kernel"].shape == (hidden, 1) and cross["sts"] == {}
+    assert HeadConfig(para_head="cross", sts_head="cross").cross_tasks == ("para", "sts")
+    with pytest.raises(ValueError, match="para_head must be one of"):
+        HeadConfig(para_head="cosine_relu")
     with pytest.raises(ValueError, match="pooling"):
         HeadConfig(pooling="max")
     with pytest.raises(ValueError, match="unknown task head"):

@@ -149,3 +149,26 @@ def test_grad_clip():
     u, s = tx.update({"w": jnp.array([3.0, 4.0])}, s, p)
     mu = s[1].mu["w"]
     np.testing.assert_allclose(np.asarray(mu), 0.1 * np.array([3.0, 4.0]) / 5.0 * 1e-3, rtol=1e-5)
+
+
+def test_lr_multipliers_by_hand_and_applied():
+    """Heads x head_scale; encoder layer l of L=3 x decay**(2-l); embeddings x decay**3; pooler x 1. After one
+    step of plain SGD-like scaling (`scale_by_tree` after the lr), each leaf moved by lr * its multiplier."""
+    from train.optim import lr_multipliers, scale_by_tree
+
+    leaf = lambda: jnp.ones((2,), jnp.float32)  # noqa: E731
+    params = {"bert": {"embeddings": {"word_embeddings": {"embedding": leaf()}},
+                       "encoder": {f"layer_{i}": {"query": {"kernel": leaf()}} for i in range(3)},
+                       "pooler": {"dense": {"kernel": leaf()}}},
+              "heads": {"sst": {"kernel": leaf(), "bias": leaf()}}}
+    m = lr_multipliers(params, head_scale=20.0, layer_decay=0.5)
+    assert m["heads"] == {"sst": {"kernel": 20.0, "bias": 20.0}}
+    assert m["bert"]["embeddings"]["word_embeddings"]["embedding"] == 0.125
+    assert [m["bert"]["encoder"][f"layer_{i}"]["query"]["kernel"] for i in range(3)] == [0.25, 0.5, 1.0]
+    assert m["bert"]["pooler"]["dense"]["kernel"] == 1.0
+    tx = optax.chain(optax.scale_by_learning_rate(0.1), scale_by_tree(lambda t: lr_multipliers(t, 20.0, 0.5)))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(updates["heads"]["sst"]["bias"][0]) == pytest.approx(-2.0)
+    assert float(updates["bert"]["encoder"]["layer_0"]["query"]["kernel"][0]) == pytest.approx(-0.025)
+    assert float(updates["bert"]["embeddings"]["word_embeddings"]["embedding"][0]) == pytest.approx(-0.0125)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
 from scripts import torch_baseline as tb
@@ -231,3 +232,48 @@ def test_fast_dropout_masks_equal_flax_bernoulli():
     theirs = nn.Dropout(0.3).apply({}, x, False, rngs={"dropout": key})
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     assert float((ours == 0).mean()) > 0.1
+
+
+def _cross_batch(seed: int) -> dict[str, np.ndarray]:
+    """A cross-encoded pair batch: [CLS] a [SEP] b [SEP] with token types 0 then 1; last row padding."""
+    rng = np.random.default_rng(seed)
+    ids, mask = _ids(rng, [L, 9, 6, 5])
+    types = np.zeros_like(ids)
+    for r, (n, sep) in enumerate(zip([L, 9, 6, 5], [4, 5, 2, 2])):
+        ids[r, sep] = 3  # the first [SEP]
+        types[r, sep + 1 : n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            "labels": np.array([1, 0, 1, 1], np.float32), "valid": np.array([1, 1, 1, 0], np.float32)}
+
+
+def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
+    """The accuracy recipe's model and optimizer in both frameworks: mean pooling, a cross-encoded
+    paraphrase head (token types), STS 5 relu(cos), heads at 10x the encoder's lr, layer-wise lr decay
+    0.7, a linear schedule: same losses, gradients and parameters after one step."""
+    from train.heads import HeadConfig
+    from train.optim import OptimConfig, lr_multipliers, make_schedule
+
+    hc = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
+    cfg = _cfg(tiny_bert_dir, "sum", heads=hc, head_lr_scale=10.0, layer_lr_decay=0.7, schedule="linear",
+               weight_decay=0.0)
+    spec, params = init_model(cfg, jax.random.key(3))
+    params_np = jax.tree.map(np.array, params)
+    hc_t = cfg.heads
+    model = tb.build_model(tiny_bert_dir, hc_t.heads, pooling=hc_t.pooling, para_head=hc_t.para_head,
+                           sts_head=hc_t.sts_head, hidden_dropout=0.0, attention_dropout=0.0, jax_params=params_np)
+    scales = lr_multipliers(params_np, cfg.head_lr_scale, cfg.layer_lr_decay)
+    groups = tb.param_groups(model, params_np["bert"], scales)
+    assert sorted(g["lr_scale"] for g in groups) == pytest.approx(sorted({1.0, 10.0, 0.7, 0.7 ** 2}))  # 2 tiny layers
+    opt = tb.CS224NAdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    schedule = make_schedule(OptimConfig(lr=cfg.lr, total_steps=4, schedule="linear"))
+    batches = _batches(seed=4)
+    batches["para"] = _cross_batch(seed=5)
+    tx = optimizer(cfg, total_steps=4)
+    step = make_train_step(spec, tx, cfg.tasks, "sum", "sum", True)
+    state, metrics = step(init_state(params, tx), batches, jax.random.key(0))
+    t_metrics = tb.make_torch_step(model, opt, TASKS, "sum", lr_at=lambda i: float(schedule(i)))(batches)
+    _compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics)
+    # the embeddings moved by about 0.7**2 of what the top layer's biases did (first Adam step ~ lr * scale)
+    emb = np.abs(np.asarray(state.params["bert"]["embeddings"]["LayerNorm"]["bias"]) - params_np["bert"]["embeddings"]["LayerNorm"]["bias"]).max()
+    head = np.abs(np.asarray(state.params["heads"]["sst"]["bias"]) - params_np["heads"]["sst"]["bias"]).max()
+    assert emb == pytest.approx(cfg.lr * 0.49, rel=0.05) and head == pytest.approx(cfg.lr * 10, rel=0.05)

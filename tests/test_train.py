@@ -301,8 +301,8 @@ def test_cli_predict_one_task_on_any_file(cli_run, cli_pred, capsys):
     path.write_text("\n".join(src[:6]) + "\n")
     out, npz = cli_run.root / "pred-one", cli_run.root / "one.npz"
     assert cli_main(["predict", str(cli_run.dir), "--task", "sts", "--input", str(path), "--out", str(out), "--scores", str(npz)]) == 0
-    assert [p.name for p in out.iterdir()] == ["sts-dev-output.csv"]
-    head, rows = _leaderboard(out / "sts-dev-output.csv")
+    assert [p.name for p in out.iterdir()] == ["sts-my-sts-output.csv"]  # named after --input
+    head, rows = _leaderboard(out / "sts-my-sts-output.csv")
     assert head == "id \t Predicted_Similiary "
     assert [i for i, _ in rows] == [r["id"] for r in _read_tsv(path)] == cli_pred.scores["sts_ids"][:5].tolist()
     one = np.load(npz)["sts_scores"]

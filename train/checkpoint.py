@@ -4,6 +4,8 @@ RUN/
   config.yaml         resolved TrainConfig
   bert_config.json    the encoder's BertConfig (HF fields + bert-jax options)
   vocab.txt           the tokenizer vocabulary (a run is self-contained)
+  tokenizer_config.json  the tokenizer's casing (do_lower_case, ...); special_tokens_map.json / tokenizer.json
+                      when the checkpoint has them: evaluate / predict tokenize exactly as training did
   checkpoints/<step>/ latest training states (params, optimizer state, step, data position); atomic saves
   best/<step>/        params of the best dev `overall` so far
   metrics.jsonl       one JSON object per evaluation
@@ -12,7 +14,8 @@ Orbax writes every checkpoint to a temporary directory (`<step>.orbax-checkpoint
 when complete, so a crash or SIGKILL during a save leaves the previous checkpoint as the latest loadable
 one; a leftover temporary directory is never listed as a step and is deleted by the next writable
 `Checkpointer`. The small run files are written atomically too (temporary file + rename). Every error
-about a missing, truncated or foreign run directory is a one-line `RunError` naming the path.
+about a missing, truncated or foreign run directory is a one-line `RunError` naming the path, and so is
+a failed save (a full disk: `_guarded`), with the TensorStore / asyncio echoes of the failure silenced.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -69,11 +74,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_run_files(run: Path, cfg: TrainConfig, spec: ModelSpec, vocab_file: Path) -> None:
+    """config.yaml, bert_config.json and the tokenizer files (`bert_jax.tokenizer.tokenizer_files` of the
+    directory holding `vocab_file`: a checkpoint or another run), always rewritten (never a stale vocab.txt)."""
+    from bert_jax.tokenizer import tokenizer_files
+
+    tok_files = tokenizer_files(Path(vocab_file).parent)
     run.mkdir(parents=True, exist_ok=True)
     _write_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     _write_atomic(run / "bert_config.json", (json.dumps(dataclasses.asdict(spec.bert), indent=2) + "\n").encode())
-    if not (run / "vocab.txt").exists():
-        _write_atomic(run / "vocab.txt", Path(vocab_file).read_bytes())
+    for name, data in tok_files.items():
+        _write_atomic(run / name, data)
 
 
 def has_steps(directory: Path) -> bool:
@@ -116,6 +126,48 @@ def _quiet_abandoned_reads(unraisable: Any) -> None:
 
 
 _previous_hook = sys.unraisablehook
+
+
+class _QuietOrbaxThreads(logging.Filter):
+    """Drops orbax's `_SignalingThread.run() raised an exception` records (a page of traceback per failed
+    writer thread, logged to "absl") while a save is guarded: the failure is reported once, by `_guarded`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+_QUIET_THREADS = _QuietOrbaxThreads()
+
+
+def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
+    """`fn()` (an orbax save), any failure (a full disk, a read-only or vanished directory) as a one-line
+    `RunError`: `<where>: cannot save <what> (<first line of the error>)<hint>`.
+
+    Like `_restore`: the unraisable-exception filter (TensorStore's "Event loop is closed" echoes) and a
+    filter for orbax's thread-failure logs go up before the write and, after a failure, stay up for the
+    rest of the process (the echoes continue in other threads and at interpreter exit).
+    """
+    global _previous_hook
+    installed = sys.unraisablehook is not _quiet_abandoned_reads
+    if installed:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
+    absl = logging.getLogger("absl")
+    absl.addFilter(_QUIET_THREADS)
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
+        failure = _one_line(e)
+        # TensorStore wraps the OS error (e.g. ENOSPC) deep in a long message: name it first
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code and not isinstance(e, OSError):
+            failure = f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}; {_one_line(e, 160)}"
+    else:
+        if installed:
+            sys.unraisablehook = _previous_hook
+        absl.removeFilter(_QUIET_THREADS)
+        return out
+    gc.collect()  # finalize the abandoned write coroutines now, under the filter
+    raise RunError(f"{where}: cannot save {what} ({failure}){hint}")
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite, where: Path) -> Any:
@@ -174,11 +226,16 @@ def read_run_config(run: str | Path) -> tuple[TrainConfig, ModelSpec]:
     for name in ("config.yaml", "bert_config.json"):
         if not (run / name).is_file():
             raise RunError(f"{run}: not a bert-jax run directory ({name} missing)")
+    name = "config.yaml"
     try:
-        cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-        bert = BertConfig(**json.loads((run / "bert_config.json").read_text()))
-    except (ValueError, TypeError, yaml.YAMLError) as e:
-        raise RunError(f"{run}: unreadable run config ({_one_line(e)})") from None
+        cfg = TrainConfig.from_dict(yaml.safe_load((run / name).read_text()))
+        name = "bert_config.json"
+        bert = json.loads((run / name).read_text())
+        if not isinstance(bert, dict):
+            raise ValueError(f"expected a JSON object, got {type(bert).__name__}")
+        bert = BertConfig(**bert)
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise RunError(f"{run}: unreadable run config ({name}: {_one_line(e)})") from None
     return cfg, ModelSpec(bert=bert, heads=cfg.heads)
 
 
@@ -195,9 +252,17 @@ class Checkpointer:
         step = int(state.step)
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position)), force=True)
-        self.latest.wait_until_finished()
+        kept = self.latest.latest_step()
+
+        def save() -> None:
+            self.latest.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position)), force=True)
+            self.latest.wait_until_finished()
+
+        hint = (f"; the previous checkpoint ({self.run / 'checkpoints' / str(kept)}) is kept: free disk space (or fix "
+                f"the cause), then continue with --resume" if kept is not None
+                else "; no checkpoint was kept: free disk space (or fix the cause), then start again with --resume")
+        _guarded("the training state", self.run / "checkpoints" / str(step), save, hint)
 
     def save_best(self, step: int, params: Params, metrics: dict[str, float]) -> None:
         """Replace the kept best params (the caller decides that `metrics["overall"]` is a new best).
@@ -206,12 +271,22 @@ class Checkpointer:
         """
         if step in self.best.all_steps():
             self.best.delete(step)
-        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                       metrics={"overall": float(metrics["overall"])}, force=True)
-        self.best.wait_until_finished()
+
+        def save() -> None:
+            self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                           metrics={"overall": float(metrics["overall"])}, force=True)
+            self.best.wait_until_finished()
+
+        _guarded("the best params", self.run / "best" / str(step), save,
+                 f"; the training state of step {step} is saved: free disk space (or fix the cause), then continue "
+                 f"with --resume")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
+
+    def best_step(self) -> int | None:
+        """Step of the kept best-dev params (None before the first evaluation)."""
+        return self.best.latest_step()
 
     def restore_state(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         step = self.latest.latest_step() if step is None else step

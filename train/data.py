@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ _LABELS: dict[str, tuple[str, type, float, float, bool]] = {
     "para": ("is_duplicate", np.float32, 0, 1, True),
     "sts": ("similarity", np.float32, 0.0, 5.0, False),
 }
+# A label is a plain ASCII decimal number (optional sign, fraction, exponent): `float()` alone would also take
+# `0_4` (-> 4.0), Arabic-Indic or full-width digits, `nan` and `inf`.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 # A quoted field may continue over at most this many further physical lines.
 _MAX_CONTINUATION_LINES = 32
 _GET_DATA_HINT = (
@@ -108,6 +112,9 @@ class Encoded:
     ``tokens1`` / ``tokens2``: N int32 arrays of token ids ``[n_i]`` including ``[CLS]`` and
     ``[SEP]``, ``n_i <= max_len`` (``tokens2`` None for single-sentence tasks). ``labels``: ``[N]``,
     int32 (sst, cfimdb) or float32 (para, sts); zeros of that dtype when ``has_labels`` is False.
+    A cross-encoded pair task (``encode_task(..., cross=True)``) has one sequence per example,
+    ``tokens1 = [CLS] a [SEP] b [SEP]`` with its token types ``types1`` (0 over ``[CLS] a [SEP]``, 1 over
+    ``b [SEP]``), and ``tokens2`` None: it batches like a single-sentence task plus ``token_type_ids``.
     """
 
     task: str
@@ -116,6 +123,7 @@ class Encoded:
     tokens2: tuple[np.ndarray, ...] | None
     labels: np.ndarray
     has_labels: bool
+    types1: tuple[np.ndarray, ...] | None = None  # token type ids [n_i] of a cross-encoded pair (0 = a, 1 = b)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -295,10 +303,9 @@ def _parse_label(raw: str, task: str) -> tuple[float | None, str | None]:
     s = raw.strip()
     if s == "":
         return None, f"label column {column!r} is empty"
-    try:
-        value = float(s)
-    except ValueError:
-        return None, f"label {s[:40]!r} in column {column!r} is not a number"
+    if not _DECIMAL.fullmatch(s):
+        return None, f"label {s[:40]!r} in column {column!r} is not a number (plain ASCII decimal digits)"
+    value = float(s)
     if not math.isfinite(value) or not lo <= value <= hi or (integral and value != int(value)):
         kind = "an integer" if integral else "a number"
         return None, f"label {s[:40]!r} in column {column!r} is not {kind} in {lo:g}..{hi:g}"
@@ -312,16 +319,31 @@ def _find_column(header: list[str], name: str, path: str) -> int | None:
     return hits[0] if hits else None
 
 
+def _id_problem(ex_id: str) -> str | None:
+    """Why ``ex_id`` cannot be written into a leaderboard line (``id , value``), else None."""
+    if "\n" in ex_id or "\r" in ex_id:
+        return "id contains a line break (it would split its leaderboard line)"
+    if "," in ex_id:
+        return "id contains ',' (leaderboard lines are 'id , value': it would be ambiguous)"
+    return None
+
+
 def load_task(
-    data_dir: str | os.PathLike | None, task: str, split: str, path: str | os.PathLike | None = None
+    data_dir: str | os.PathLike | None, task: str, split: str, path: str | os.PathLike | None = None,
+    read_labels: bool = True,
 ) -> TaskData:
     """Load one split of one task; malformed records are skipped and recorded, never fatal.
 
     ``path`` overrides the file (e.g. ``predict --task T --input FILE``); otherwise the file is
     ``data_dir / task_filename(task, split)`` (``data_dir`` None -> :func:`resolve_data_dir`).
     The label column is required for split "train", and for split "dev" when no ``path`` is
-    given; elsewhere it is optional (``labels`` None when absent). Raises :class:`DataError` for
-    a missing/empty file or a missing required column (the message names file and column).
+    given; elsewhere it is optional (``labels`` None when absent). ``read_labels=False`` (``predict``,
+    which needs no label) ignores the label column: no row is skipped for its label, ``labels`` is None.
+    On the dev and test splits, whose ids are written into leaderboard files as ``id , value`` lines,
+    an id holding a line break or a comma is a malformed row (skipped and counted, like the others):
+    refused at load time rather than escaped, since the starter's format has no escaping.
+    Raises :class:`DataError` for a missing/empty file or a missing required column (the message
+    names file and column).
     """
     _check_task_split(task, split)
     if path is None:
@@ -355,8 +377,8 @@ def load_task(
         if k is None:
             raise DataError(f"{spath}: required column {name!r} not found in the header (columns: {header})")
         cols[name] = k
-    label_k = _find_column(header, label_col, spath)
-    if label_k is None and (split == "train" or (split == "dev" and path is None)):
+    label_k = _find_column(header, label_col, spath) if read_labels else None
+    if read_labels and label_k is None and (split == "train" or (split == "dev" and path is None)):
         raise DataError(
             f"{spath}: required label column {label_col!r} not found in the header (columns: {header})"
         )
@@ -375,6 +397,8 @@ def load_task(
         reason = None
         if ex_id == "":
             reason = "empty 'id'"
+        elif split != "train" and _id_problem(ex_id):
+            reason = _id_problem(ex_id)
         else:
             for c, t in zip(text_cols, texts):
                 if t == "":
@@ -444,8 +468,23 @@ def _tokenize(tokenizer: Any, sentences: Sequence[str], max_len: int, chunk: int
     return tuple(out)
 
 
-def encode_task(data: TaskData, tokenizer: Any, max_len: int = 128) -> Encoded:
-    """Tokenize every sentence once, separately (pairs Siamese style), truncated to ``max_len`` tokens.
+def _tokenize_pairs(tokenizer: Any, a: Sequence[str], b: Sequence[str], max_len: int,
+                    chunk: int = 8192) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """``[CLS] a [SEP] b [SEP]`` token ids and token types, truncated to ``max_len`` (longest side first)."""
+    ids: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    for start in range(0, len(a), chunk):
+        enc = tokenizer(list(a[start : start + chunk]), list(b[start : start + chunk]), add_special_tokens=True,
+                        truncation="longest_first", max_length=max_len, padding=False,
+                        return_attention_mask=False, return_token_type_ids=True)
+        ids.extend(np.asarray(x, dtype=np.int32) for x in enc["input_ids"])
+        types.extend(np.asarray(x, dtype=np.int32) for x in enc["token_type_ids"])
+    return tuple(ids), tuple(types)
+
+
+def encode_task(data: TaskData, tokenizer: Any, max_len: int = 128, cross: bool = False) -> Encoded:
+    """Tokenize every sentence once, truncated to ``max_len`` tokens: pairs Siamese style (each sentence
+    alone), or with ``cross=True`` as one ``[CLS] a [SEP] b [SEP]`` sequence (a cross-encoder's input).
 
     Returns ragged token arrays ``[n_i]`` int32 (with ``[CLS]``/``[SEP]``, ``n_i <= max_len``).
     """
@@ -454,6 +493,14 @@ def encode_task(data: TaskData, tokenizer: Any, max_len: int = 128) -> Encoded:
     dtype = _LABELS[data.task][1]
     has_labels = data.labels is not None
     labels = np.asarray(data.labels, dtype=dtype) if has_labels else np.zeros(len(data), dtype=dtype)
+    if cross:
+        if data.sentences2 is None:
+            raise ValueError(f"task {data.task!r} has one sentence per example; only pair tasks can be cross-encoded")
+        if max_len < 3:
+            raise ValueError(f"max_len must be >= 3 for a cross-encoded pair, got {max_len}")
+        tokens, types = _tokenize_pairs(tokenizer, data.sentences1, data.sentences2, max_len)
+        return Encoded(task=data.task, ids=data.ids, tokens1=tokens, tokens2=None, labels=labels,
+                       has_labels=has_labels, types1=types)
     return Encoded(
         task=data.task,
         ids=data.ids,
@@ -482,7 +529,7 @@ def _pad(seqs: Sequence[np.ndarray], batch_size: int, length: int) -> tuple[np.n
     ids = np.zeros((batch_size, length), dtype=np.int32)
     mask = np.zeros((batch_size, length), dtype=np.int32)
     for r, s in enumerate(seqs):
-        if len(s) > length:  # longer than the largest bucket: keep the final [SEP]
+        if len(s) > length:  # longer than the largest bucket: keep the final [SEP] (its type, for token types)
             s = np.concatenate([s[: length - 1], s[-1:]])
         ids[r, : len(s)] = s
         mask[r, : len(s)] = 1
@@ -501,7 +548,8 @@ def make_batch(
     """A fixed-shape batch of the examples ``index`` (``len(index) <= batch_size``); pad id 0.
 
     ``B = batch_size``; ``L = bucket_length(longest sequence in the batch)`` (both sentences for
-    pairs). Single-sentence task: ``input_ids``, ``attention_mask`` int32 ``[B, L]``. Pair task:
+    pairs). Single-sentence task: ``input_ids``, ``attention_mask`` int32 ``[B, L]`` (a cross-encoded
+    pair also ``token_type_ids`` int32 ``[B, L]``). Pair task:
     ``input_ids_1``, ``attention_mask_1``, ``input_ids_2``, ``attention_mask_2`` int32 ``[B, L]``.
     Both: ``labels`` ``[B]`` (int32 for sst/cfimdb, float32 for para/sts) and ``valid`` float32
     ``[B]``, 1 for real rows and 0 for the padding rows past ``len(index)``. Sequences longer than
@@ -519,7 +567,10 @@ def make_batch(
     valid[: len(index)] = 1.0
     if enc.tokens2 is None:
         ids, mask = _pad(seqs1, batch_size, length)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": valid}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": valid}
+        if enc.types1 is not None:  # a cross-encoded pair
+            out["token_type_ids"] = _pad([enc.types1[i] for i in index], batch_size, length)[0]
+        return out
     ids1, mask1 = _pad(seqs1, batch_size, length)
     ids2, mask2 = _pad(seqs2, batch_size, length)
     return {
@@ -549,13 +600,29 @@ def step_batches(
     return {t: make_batch(encs[t], index[t], batch_size, buckets) for t in index}
 
 
+def example_lengths(enc: Encoded) -> np.ndarray:
+    """``[N]`` int: the padded length each example needs (the longer sentence of a Siamese pair)."""
+    n1 = np.fromiter((len(t) for t in enc.tokens1), np.int64, len(enc.tokens1))
+    if enc.tokens2 is None:
+        return n1
+    return np.maximum(n1, np.fromiter((len(t) for t in enc.tokens2), np.int64, len(enc.tokens2)))
+
+
 def eval_batches(
-    enc: Encoded, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS
+    enc: Encoded, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS, order: np.ndarray | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in file order (no shuffle): batch i covers examples ``[i*B, (i+1)*B)``; the last is padded (valid=0)."""
+    """Batches of consecutive examples of ``order`` (default: file order): batch i covers
+    ``order[i*B : (i+1)*B]``; the last is padded (valid=0). ``order=np.argsort(example_lengths(enc))``
+    (see :func:`length_order`) batches similar lengths together: far less padding."""
     n = len(enc.tokens1)
+    order = np.arange(n) if order is None else np.asarray(order)
     for start in range(0, n, batch_size):
-        yield make_batch(enc, np.arange(start, min(start + batch_size, n)), batch_size, buckets)
+        yield make_batch(enc, order[start : min(start + batch_size, n)], batch_size, buckets)
+
+
+def length_order(enc: Encoded) -> np.ndarray:
+    """A stable permutation of the examples by padded length (for :func:`eval_batches`)."""
+    return np.argsort(example_lengths(enc), kind="stable")
 
 
 # ------------------------------------------------------------------------------------------- sampler
@@ -590,7 +657,8 @@ def epoch_steps(sizes: Mapping[str, int], batch_size: int, policy: str | int = "
 
 
 def epoch_plan(
-    sizes: Mapping[str, int], batch_size: int, seed: int, epoch: int, policy: str | int = "max"
+    sizes: Mapping[str, int], batch_size: int, seed: int, epoch: int, policy: str | int = "max",
+    lengths: Mapping[str, np.ndarray] | None = None, length_window: int = 0,
 ) -> dict[str, np.ndarray]:
     """Round-robin plan of one epoch: task -> int64 ``[steps, batch_size]`` example indices.
 
@@ -598,6 +666,14 @@ def epoch_plan(
     reshuffles (cycles) of ``range(size)``, cycle ``c`` drawn from
     ``np.random.default_rng((seed, epoch, task_index, c))``; a batch crossing a cycle boundary is
     completed from the next cycle, so every batch is full. Deterministic in all arguments.
+
+    Length grouping (``length_window`` W > 0, ``lengths[task]`` the ``[size]`` padded lengths): within
+    each window of W consecutive steps a task's W * B examples are sorted by length and cut into W
+    batches again, which the window then visits in a seeded random order
+    (``default_rng((seed, epoch, task_index, "length", window))``). The window holds the same examples as
+    without grouping (so epochs still cover the data alike), but a batch's sentences have similar
+    lengths: on the data here (batch 16, W 32, buckets 16..128) padding falls from ~60% to ~20% of the
+    tokens of a step.
     """
     steps = epoch_steps(sizes, batch_size, policy)
     need = steps * batch_size
@@ -608,4 +684,19 @@ def epoch_plan(
         for c in range(math.ceil(need / n)):
             cycles.append(np.random.default_rng((seed, epoch, t_idx, c)).permutation(n))
         plan[task] = np.concatenate(cycles)[:need].reshape(steps, batch_size)
+        if length_window:
+            if lengths is None:
+                raise ValueError("length_window needs the examples' lengths")
+            plan[task] = _group_by_length(plan[task], np.asarray(lengths[task]), length_window, (seed, epoch, t_idx))
     return plan
+
+
+def _group_by_length(plan: np.ndarray, lengths: np.ndarray, window: int, seed: tuple) -> np.ndarray:
+    out = plan.copy()
+    steps, batch = plan.shape
+    for w, start in enumerate(range(0, steps, window)):
+        block = plan[start : start + window].reshape(-1)
+        block = block[np.argsort(lengths[block], kind="stable")].reshape(-1, batch)
+        visit = np.random.default_rng((*seed, zlib.crc32(b"length"), w)).permutation(len(block))
+        out[start : start + len(block)] = block[visit]
+    return out

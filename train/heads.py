@@ -3,7 +3,11 @@
 Sentence embeddings come from `pool` ([CLS] pooler, as the report, or a masked mean). Scores:
   sst / cfimdb : logits [batch, classes]           (linear over the dropped-out embedding)
   para         : logit  [batch]                    ("pair": linear over [u, v, |u-v|, u*v]; "cosine": scale*cos(u,v)+bias)
-  sts          : score  [batch] on the 0..5 scale  ("pair": linear over [u, v, |u-v|, u*v]; "cosine": 2.5*(1+cos(u,v)))
+  sts          : score  [batch] on the 0..5 scale  ("pair": linear over [u, v, |u-v|, u*v]; "cosine": 2.5*(1+cos(u,v));
+                                                    "cosine_relu": 5*max(cos(u,v), 0))
+A pair head of kind "cross" (para or sts) is a cross-encoder: the pair is one `[CLS] a [SEP] b [SEP]`
+sequence (token types 0 / 1; `train.data.encode_task(..., cross=True)`) and the score is a linear map of
+its dropped-out pooled embedding ([batch] logit for para, [batch] score for sts).
 """
 
 from __future__ import annotations
@@ -18,24 +22,34 @@ from bert_jax import BertConfig, Params, encode
 NUM_CLASSES = {"sst": 5, "cfimdb": 2}
 SINGLE_TASKS = ("sst", "cfimdb")
 PAIR_TASKS = ("para", "sts")
+PAIR_HEAD_KINDS = {"para": ("pair", "cosine", "cross"), "sts": ("pair", "cosine", "cosine_relu", "cross")}
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
     pooling: str = "cls"  # "cls" (BERT pooler, the report) | "mean"
-    para_head: str = "pair"  # "pair" | "cosine"
-    sts_head: str = "pair"  # "pair" | "cosine"
+    para_head: str = "pair"  # "pair" | "cosine" | "cross"
+    sts_head: str = "pair"  # "pair" | "cosine" | "cosine_relu" | "cross"
     heads: tuple[str, ...] = ("sst", "para", "sts")  # which heads the model carries (every model is evaluable on all three)
 
     def __post_init__(self) -> None:
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        for name, v in (("para_head", self.para_head), ("sts_head", self.sts_head)):
-            if v not in ("pair", "cosine"):
-                raise ValueError(f"{name} must be 'pair' or 'cosine', got {v!r}")
+        for task, v in (("para", self.para_head), ("sts", self.sts_head)):
+            if v not in PAIR_HEAD_KINDS[task]:
+                raise ValueError(f"{task}_head must be one of {', '.join(PAIR_HEAD_KINDS[task])}; got {v!r}")
         unknown = set(self.heads) - set(SINGLE_TASKS + PAIR_TASKS)
         if unknown:
             raise ValueError(f"unknown task head(s) {sorted(unknown)}; known: {SINGLE_TASKS + PAIR_TASKS}")
+
+    def kind(self, task: str) -> str:
+        """"single" (sst, cfimdb) or the pair task's head kind."""
+        return {"para": self.para_head, "sts": self.sts_head}.get(task, "single")
+
+    @property
+    def cross_tasks(self) -> tuple[str, ...]:
+        """Pair tasks whose data is tokenized as one cross-encoded sequence (`encode_task(cross=True)`)."""
+        return tuple(t for t in PAIR_TASKS if self.kind(t) == "cross")
 
 
 def _dense_init(rng: jax.Array, n_in: int, n_out: int) -> Params:
@@ -51,8 +65,10 @@ def init_heads(hc: HeadConfig, hidden: int, rng: jax.Array) -> Params:
             params[task] = _dense_init(key, hidden, NUM_CLASSES[task])
         elif task == "para" and hc.para_head == "cosine":
             params[task] = {"scale": jnp.array(5.0, jnp.float32), "bias": jnp.array(0.0, jnp.float32)}
-        elif task == "sts" and hc.sts_head == "cosine":
+        elif task == "sts" and hc.sts_head in ("cosine", "cosine_relu"):
             params[task] = {}
+        elif hc.kind(task) == "cross":
+            params[task] = _dense_init(key, hidden, 1)
         else:
             params[task] = _dense_init(key, 4 * hidden, 1)
     return params
@@ -97,15 +113,19 @@ def task_scores(
     else:
         enc_rng = head_rng = None
     head = params["heads"][task]
-    if task in SINGLE_TASKS:
-        out = encode(params["bert"], bert_config, batch["input_ids"], batch["attention_mask"], dropout_rng=enc_rng)
+    kind = hc.kind(task)
+    if kind in ("single", "cross"):
+        out = encode(params["bert"], bert_config, batch["input_ids"], batch["attention_mask"],
+                     token_type_ids=batch.get("token_type_ids"), dropout_rng=enc_rng)
         x = _dropout(pool(out, batch["attention_mask"], hc.pooling), bert_config.hidden_dropout_prob, head_rng)
-        return x @ head["kernel"] + head["bias"]
+        logits = x @ head["kernel"] + head["bias"]
+        return logits if kind == "single" else logits[:, 0]
     ids = jnp.concatenate([batch["input_ids_1"], batch["input_ids_2"]], axis=0)
     mask = jnp.concatenate([batch["attention_mask_1"], batch["attention_mask_2"]], axis=0)
     emb = pool(encode(params["bert"], bert_config, ids, mask, dropout_rng=enc_rng), mask, hc.pooling)
     u, v = jnp.split(emb, 2, axis=0)
-    kind = hc.para_head if task == "para" else hc.sts_head
+    if kind == "cosine_relu":
+        return 5.0 * jax.nn.relu(_cosine(u, v))
     if kind == "cosine":
         cos = _cosine(u, v)
         return head["scale"] * cos + head["bias"] if task == "para" else 2.5 * (1.0 + cos)

@@ -30,6 +30,7 @@ Chain built by :func:`make_optimizer`::
     [clip_by_global_norm(grad_clip)]      # optional, like clip_grad_norm_ before step
     scale_by_cs224n_adam(b1, b2, eps)     # sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
     scale_by_learning_rate(schedule)      # * -lr(t)
+    [scale_by_tree(lr_scale)]             # optional per-leaf lr multipliers (head lr, layer-wise decay)
     [decoupled_weight_decay(wd, schedule)]  # p1 = p + u; p_new = p1 - lr(t) wd p1; emit p_new - p
 
 With ``trainable_mask`` the non-trainable leaves get exactly zero updates
@@ -49,7 +50,8 @@ import optax
 
 PyTree = Any
 
-__all__ = ["OptimConfig", "make_schedule", "scale_by_cs224n_adam", "decoupled_weight_decay", "make_optimizer"]
+__all__ = ["OptimConfig", "make_schedule", "scale_by_cs224n_adam", "decoupled_weight_decay", "make_optimizer",
+           "scale_by_tree", "lr_multipliers"]
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,50 @@ def decoupled_weight_decay(
     return tx if mask is None else optax.masked(tx, mask)
 
 
+def scale_by_tree(multipliers: PyTree | Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
+    """Multiply each update leaf by a fixed per-leaf float (a tree like the params, or ``params -> tree``):
+    per-parameter learning-rate multipliers when placed after ``scale_by_learning_rate``."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        m = multipliers(updates) if callable(multipliers) else multipliers
+        return jax.tree.map(lambda u, k: (u * k).astype(u.dtype), updates, m), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lr_multipliers(params: PyTree, head_scale: float = 1.0, layer_decay: float = 1.0) -> PyTree:
+    """Learning-rate multipliers for the multitask tree ``{"bert": ..., "heads": ...}``.
+
+    Heads: ``head_scale``. Encoder (layer-wise decay, as ELECTRA / "How to fine-tune BERT"): with L layers,
+    ``encoder/layer_l`` gets ``layer_decay ** (L - 1 - l)`` (the top layer 1), the embeddings
+    ``layer_decay ** L``, the pooler 1.
+    """
+    layers = [k for k in params["bert"].get("encoder", {}) if k.startswith("layer_")]
+    n = len(layers)
+
+    def bert_scale(top: str, sub: str | None) -> float:
+        if top == "embeddings":
+            return layer_decay ** n
+        if top == "encoder" and sub is not None and sub.startswith("layer_"):
+            return layer_decay ** (n - 1 - int(sub[len("layer_"):]))
+        return 1.0
+
+    bert = {top: jax.tree_util.tree_map_with_path(
+                lambda path, _, top=top: bert_scale(top, getattr(path[0], "key", None) if path else None), sub)
+            for top, sub in params["bert"].items()}
+    return {"bert": bert, "heads": jax.tree.map(lambda _: head_scale, params["heads"])}
+
+
 def make_optimizer(
     cfg: OptimConfig,
     trainable_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     *,
     weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    lr_scale: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformation:
     """CS224N AdamW (exact) with optional schedule, clipping and freezing.
 
@@ -182,7 +223,9 @@ def make_optimizer(
     ``params -> such a pytree``); ``False`` leaves are frozen (zero updates,
     no optimizer state). ``weight_decay_mask``: optional mask (``True`` = decay)
     restricting weight decay; the CS224N reference decays every parameter,
-    which is the default here. ``update`` must be given the params.
+    which is the default here. ``lr_scale``: optional per-leaf learning-rate
+    multipliers (see :func:`lr_multipliers`; weight decay keeps the base rate).
+    ``update`` must be given the params.
     """
     schedule = make_schedule(cfg)
     parts = []
@@ -190,6 +233,8 @@ def make_optimizer(
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(scale_by_cs224n_adam(cfg.b1, cfg.b2, cfg.eps))
     parts.append(optax.scale_by_learning_rate(schedule))
+    if lr_scale is not None:
+        parts.append(scale_by_tree(lr_scale))
     if cfg.weight_decay:
         parts.append(decoupled_weight_decay(cfg.weight_decay, schedule, mask=weight_decay_mask))
     tx = optax.chain(*parts)

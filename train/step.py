@@ -21,7 +21,7 @@ from train import pcgrad
 from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
 from train.losses import task_loss
-from train.optim import OptimConfig, make_optimizer
+from train.optim import OptimConfig, lr_multipliers, make_optimizer
 from train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
@@ -63,7 +63,10 @@ def optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.Gradien
                      warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.schedule, grad_clip=cfg.grad_clip)
     mask = None if cfg.finetune else (lambda params: {"bert": jax.tree.map(lambda _: False, params["bert"]),
                                                       "heads": jax.tree.map(lambda _: True, params["heads"])})
-    return make_optimizer(oc, mask)
+    scale = None
+    if cfg.head_lr_scale != 1.0 or cfg.layer_lr_decay != 1.0:
+        scale = lambda tree: lr_multipliers(tree, cfg.head_lr_scale, cfg.layer_lr_decay)
+    return make_optimizer(oc, mask, lr_scale=scale)
 
 
 def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
@@ -74,6 +77,75 @@ def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.A
     return task_loss(task, task_scores(params, spec.bert, spec.heads, task, batch, rng), batch)
 
 
+def _task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The step's key and each task's dropout key (one derivation for the fused and the split step)."""
+    rng = jax.random.fold_in(rng, step)
+    return rng, {t: jax.random.fold_in(rng, i) for i, t in enumerate(tasks)}
+
+
+def _combine_and_update(tx: optax.GradientTransformation, combine: str, pcgrad_reduction: str, state: TrainState,
+                        losses: dict[str, jax.Array], task_grads: list[Params], step_rng: jax.Array):
+    """Combine per-task gradients (sum / mean / PCGrad on the encoder), apply the optimizer, return (state, metrics)."""
+    if combine in ("sum", "mean"):
+        grads = jax.tree.map(lambda *xs: sum(xs), *task_grads)
+        if combine == "mean":
+            grads = jax.tree.map(lambda g: g / len(task_grads), grads)
+    else:  # pcgrad (validated by TrainConfig)
+        shared = pcgrad.combine([g["bert"] for g in task_grads], jax.random.fold_in(step_rng, 1_000_003), pcgrad_reduction)
+        # each head only appears in its own task's loss, so the sum over tasks is that task's gradient
+        heads = jax.tree.map(lambda *xs: sum(xs), *[g["heads"] for g in task_grads])
+        grads = {"bert": shared, "heads": heads}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.tree.norm(grads)}
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+
+def make_split_train_step(
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    tasks: tuple[str, ...],
+    combine: str = "sum",
+    pcgrad_reduction: str = "sum",
+    finetune: bool = True,
+) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step as per-task programs plus one combine-and-update program (`step_impl="split"`).
+
+    Same signature and math as `make_train_step`'s fused step, but compiled as
+    `grad(task)`: one task's loss and gradient at one batch shape, jitted per (task, bucket length), and
+    `update`: combine (sum / mean / PCGrad) + AdamW, jitted once (its shapes never change; the state is
+    donated). A run compiles at most `tasks x buckets + 1` programs, where the fused step compiles
+    one per combination of the tasks' bucket lengths (up to `buckets ** tasks`). Dropout keys are the fused
+    step's, so both give the same parameters up to float32 summation order.
+    """
+
+    def task_grad(params: Params, task: str, batch: Batch, rng: jax.Array, step: jax.Array):
+        _, keys = _task_keys(rng, step, tasks)
+
+        def loss(p):
+            p = p if finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
+            return loss_fn(p, spec, task, batch, keys[task])
+
+        return jax.value_and_grad(loss)(params)
+
+    def update(state: TrainState, losses: dict[str, jax.Array], task_grads: list[Params], rng: jax.Array):
+        step_rng, _ = _task_keys(rng, state.step, tasks)
+        return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, step_rng)
+
+    grad_fn = jax.jit(task_grad, static_argnums=(1,))
+    update_fn = jax.jit(update, donate_argnums=(0,))
+
+    def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
+        losses, grads = {}, []
+        for t in tasks:
+            losses[t], g = grad_fn(state.params, t, batches[t], rng, state.step)
+            grads.append(g)
+        return update_fn(state, losses, grads, rng)
+
+    step.programs = (grad_fn, update_fn)  # for inspection (tests, compile accounting)
+    return step
+
+
 def make_train_step(
     spec: ModelSpec,
     tx: optax.GradientTransformation,
@@ -82,17 +154,28 @@ def make_train_step(
     pcgrad_reduction: str = "sum",
     finetune: bool = True,
     dp: DataParallel | None = None,
+    impl: str = "fused",
 ) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `step(state, batches, rng) -> (state, metrics)`; `state` is donated.
 
     `batches` maps every task in `tasks` to one batch. `metrics` holds each task's loss and `loss`
     (the sum of the task losses), plus `grad_norm` of the applied gradient.
 
+    `impl="fused"`: one program for the whole step (one compile per combination of the tasks' batch
+    shapes); `impl="split"`: `make_split_train_step` (per-task programs; single device only).
+
     With `dp` (see `train.sharding`) the step is jitted over its mesh with explicit shardings: `state`
     must already be placed (`dp.put(state)`), `batches` are global numpy batches (every process passes
     the same; each batch size divisible by the mesh size), split by rows over the `data` axis; metrics
     are replicated. The math is the single-device step's on the global batch.
     """
+
+    if impl == "split":
+        if dp is not None:
+            raise ValueError("step_impl='split' runs on one device; use step_impl=fused with --mesh")
+        return make_split_train_step(spec, tx, tasks, combine, pcgrad_reduction, finetune)
+    if impl != "fused":
+        raise ValueError(f"step_impl must be 'fused' or 'split', got {impl!r}")
 
     def frozen(params: Params) -> Params:
         if dp is not None:
@@ -103,8 +186,7 @@ def make_train_step(
         return loss_fn(frozen(params), spec, task, batch, rng)
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        keys = {t: jax.random.fold_in(rng, i) for i, t in enumerate(tasks)}
+        rng, keys = _task_keys(rng, state.step, tasks)
         if combine in ("sum", "mean"):
             def total(params):
                 losses = {t: one_task(params, t, batches[t], keys[t]) for t in tasks}
@@ -112,19 +194,13 @@ def make_train_step(
                 return (s / len(tasks) if combine == "mean" else s), losses
 
             (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
-        else:  # pcgrad
-            losses, task_grads = {}, []
-            for t in tasks:
-                losses[t], g = jax.value_and_grad(one_task)(state.params, t, batches[t], keys[t])
-                task_grads.append(g)
-            shared = pcgrad.combine([g["bert"] for g in task_grads], jax.random.fold_in(rng, 1_000_003), pcgrad_reduction)
-            # each head only appears in its own task's loss, so the sum over tasks is that task's gradient
-            heads = jax.tree.map(lambda *xs: sum(xs), *[g["heads"] for g in task_grads])
-            grads = {"bert": shared, "heads": heads}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.tree.norm(grads)}
-        return TrainState(params, opt_state, state.step + 1), metrics
+            # the loss was already combined: hand the update one "task" gradient to sum
+            return _combine_and_update(tx, "sum", pcgrad_reduction, state, losses, [grads], rng)
+        losses, task_grads = {}, []
+        for t in tasks:
+            losses[t], g = jax.value_and_grad(one_task)(state.params, t, batches[t], keys[t])
+            task_grads.append(g)
+        return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, rng)
 
     if dp is None:
         return jax.jit(step, donate_argnums=(0,))

@@ -6,14 +6,24 @@ are the caller's, through the `log` callback which receives event dicts:
   {"event": "step", "step", "epoch", "loss", "loss_<task>", "steps_per_s"}     (every `log_every` steps)
   {"event": "eval", "step", "epoch", "<task>": metric, "overall", "best": bool}
   {"event": "stopped", "reason", "step"}
+  {"event": "overwrite", "run", "deleting": [names], "keeping": [names]}   (before `overwrite` deletes)
+  {"event": "note", "message"}                                            (e.g. a stale run lock taken over)
 
 Reliability (tests/test_reliability.py injects each fault):
 - the training state is checkpointed at every epoch end and when `should_stop()` turns true (SIGINT /
   SIGTERM in the CLI); the checkpoint holds params, optimizer state, step and the data position
   (epoch, step in epoch, steps per epoch, train sizes, best dev overall), and a resumed run replays the
   remaining steps exactly: it ends bitwise equal (on CPU) to an uninterrupted run with the same seed.
-- `--resume` refuses a config or training data that differ from the run's (except RESUMABLE_CHANGES),
-  and rewinds metrics.jsonl to the checkpoint's step, so redone evaluations are not duplicated.
+- `--resume` refuses a config or training data that differ from the run's (except RESUMABLE_CHANGES;
+  the data are compared by per-task example counts and a sha256 fingerprint of the encoded token ids and
+  labels, stored in the checkpoint's position), another checkpoint or a tokenizer whose files differ from
+  the run's, and rewinds metrics.jsonl to the checkpoint's step, so redone evaluations are not duplicated.
+- the run directory is owned (train/rundir.py): `--out` must be new, empty or a bert-jax run (then
+  `--resume` or `overwrite`), and an exclusive lock (RUN/.lock) keeps a second writer out.
+- data are validated before the first step: a task whose train or dev file has no usable row is an error
+  naming the file, and a token id outside the checkpoint's vocab_size an error naming vocab and config.
+- at every epoch end the training state is saved *before* the dev evaluation, so a failed evaluation never
+  loses trained steps; a run resumed from such a checkpoint redoes the evaluation if it was not recorded.
 - a non-finite loss or gradient norm (checked at every metrics flush, and always before a save) or
   non-finite params (checked before every save) raise `NonFiniteLoss`: nothing is saved after the
   fault, so the last good checkpoint stays the latest.
@@ -35,8 +45,11 @@ import numpy as np
 
 import bert_jax
 from bert_jax import Params
+from bert_jax.tokenizer import tokenizer_files
 from train import data as D
+from train.compilation import CompileEvents
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
+from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
 from train.metrics import summarize, task_metric
 from train.sharding import DataParallel, is_main_process
@@ -46,8 +59,9 @@ EVAL_TASKS = ("sst", "para", "sts")
 
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
-RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size", "checkpoint",
-                               "attention_impl", "remat", "scan_layers"})
+# (Not "checkpoint": a resumed run keeps its pretrained checkpoint, and its tokenizer, see rundir.check_tokenizer.)
+RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size",
+                               "attention_impl", "remat", "scan_layers", "step_impl"})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,8 +84,9 @@ def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
     diff = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {saved[k]!r} in the run, {now.get(k)!r} now" for k in diff[:4])
+        flags = "--config / --checkpoint" if "checkpoint" in diff else "--config"
         raise RunError(f"{run}: --resume with a different config ({shown}); "
-                       f"omit --config to resume with the run's own, or train into a new --out")
+                       f"omit {flags} to resume with the run's own, or train into a new --out")
 
 
 def _rewind_metrics(path: Path, step: int, write: bool = True) -> dict[str, Any]:
@@ -104,24 +119,60 @@ class TaskSets:
 
 
 def load_encoded(data_dir: Path, tasks: tuple[str, ...], split: str, tokenizer, max_len: int,
-                 limit: int | None = None) -> tuple[dict[str, D.Encoded], list[D.TaskData]]:
-    """Load + tokenize `split` of each task (first `limit` examples when given)."""
+                 limit: int | None = None, cross: tuple[str, ...] = ()) -> tuple[dict[str, D.Encoded], list[D.TaskData]]:
+    """Load + tokenize `split` of each task (first `limit` examples when given); the pair tasks in `cross`
+    (`HeadConfig.cross_tasks`) as cross-encoded sequences."""
     out, raw = {}, []
     for t in tasks:
         td = D.load_task(data_dir, t, split)
+        if len(td) == 0:  # checked before any step: a task without data fails now, naming its file
+            why = (f"all {len(td.skipped)} data rows are malformed, e.g. line {td.skipped[0].line}: {td.skipped[0].reason}"
+                   if td.skipped else "nothing after the header row")
+            raise D.DataError(f"{td.path}: no usable row in the {split} file of task {t!r} ({why}); fix the file")
         raw.append(td)
         if limit is not None and len(td) > limit:
             td = dataclasses.replace(td, ids=td.ids[:limit], sentences1=td.sentences1[:limit],
                                      sentences2=None if td.sentences2 is None else td.sentences2[:limit],
                                      labels=None if td.labels is None else td.labels[:limit])
-        out[t] = D.encode_task(td, tokenizer, max_len)
+        out[t] = D.encode_task(td, tokenizer, max_len, cross=t in cross)
     return out, raw
 
 
+def check_token_ids(encs: dict[str, D.Encoded], vocab_size: int, vocab: Path, config: Path) -> None:
+    """Every token id must index the encoder's embedding table: an id >= `vocab_size` means the vocabulary
+    (`vocab`) does not belong to the model (`config`); reported before any step, not as a non-finite loss."""
+    for t, e in encs.items():
+        for seqs in (e.tokens1, e.tokens2):
+            if not seqs:
+                continue
+            top = int(np.concatenate(seqs).max(initial=0))
+            if top >= vocab_size:
+                raise RunError(f"{vocab}: the tokenizer gives token id {top} (task {t}), but {config} has vocab_size "
+                               f"{vocab_size}: this vocabulary does not belong to the model; use the checkpoint's "
+                               f"own vocab.txt")
+
+
 def predict_scores(eval_fn, params: Params, enc: D.Encoded, batch_size: int, buckets) -> np.ndarray:
-    """Scores for every example of `enc`, in order: [N, 5] (sst), [N, 2] (cfimdb), [N] (para, sts)."""
-    outs = [eval_fn(params, enc.task, b) for b in D.eval_batches(enc, batch_size, buckets)]  # async dispatch
-    return np.concatenate([np.asarray(o) for o in outs])[: len(enc)]
+    """Scores for every example of `enc`, in order: [N, 5] (sst), [N, 2] (cfimdb), [N] (para, sts).
+
+    Batches group examples of similar length (`D.length_order`: less padding); scores come back in file order."""
+    order = D.length_order(enc)
+    outs = [eval_fn(params, enc.task, b) for b in D.eval_batches(enc, batch_size, buckets, order)]  # async dispatch
+    sorted_scores = np.concatenate([np.asarray(o) for o in outs])[: len(enc)]
+    scores = np.empty_like(sorted_scores)
+    scores[order] = sorted_scores
+    return scores
+
+
+def task_plan(cfg: TrainConfig, sizes: dict[str, int], lengths: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    """The round-robin plan of `epoch` (indices into each task's training subset): the one schedule of the JAX
+    trainer, the PyTorch baseline's trainer and `bench --what epoch`."""
+    return D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy, lengths, cfg.length_window)
+
+
+def subset_lengths(train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Padded length of every example of each task's training subset (for length grouping)."""
+    return {t: D.example_lengths(train_sets[t])[subsets[t]] for t in subsets}
 
 
 def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: int, buckets) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -147,30 +198,52 @@ def train(
     log_every: int = 20,
     fault: Callable[[int, dict], dict] | None = None,
     dp: DataParallel | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train per `cfg`, writing `run_dir`. Returns the last dev metrics (plus `best_overall`, `step`).
 
     `should_stop()` is polled every step: when it turns true the state is checkpointed and training
     returns with `stopped=True` (used for SIGINT/SIGTERM). `fault(step, batches)` is a test hook that
     may rewrite a step's batches (fault injection). `dp` (train.sharding): data-parallel over its mesh;
-    `cfg.batch_size` must be divisible by the mesh size.
+    `cfg.batch_size` must be divisible by the mesh size. `run_dir` must be new, empty or a bert-jax run
+    (then `resume`, or `overwrite`: its bert-jax files are deleted, announced by an "overwrite" event, once
+    the new run's data and model have loaded); it is locked (RUN/.lock) for the whole call, by process 0.
     """
     run = Path(run_dir)
+    if not is_main_process():  # multi-host: process 0 owns and locks the directory
+        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite)
+    with RunLock(run, note=lambda msg: log({"event": "note", "message": msg})):
+        check_out_dir(run, resume, overwrite)
+        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite)
+
+
+def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
+               log: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool], log_every: int,
+               fault: Callable[[int, dict], dict] | None, dp: DataParallel | None, overwrite: bool) -> dict[str, Any]:
+    """`train`'s body, in a locked and checked run directory."""
+    t_start = time.perf_counter()
     data_dir = D.resolve_data_dir(data_dir)
-    if not resume and (has_steps(run / "checkpoints") or has_steps(run / "best")):
+    if not resume and not overwrite and (has_steps(run / "checkpoints") or has_steps(run / "best")):
         raise RunError(f"{run}: run directory already has checkpoints (use --resume, or a new --out)")
     if resume:
         _check_resume_config(run, cfg)
+        check_tokenizer(run, tokenizer_files(cfg.checkpoint), cfg.checkpoint)
     tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
-    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len)
+    cross = cfg.heads.cross_tasks
+    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len, cross=cross)
     eval_tasks = tuple(dict.fromkeys(EVAL_TASKS + tuple(t for t in cfg.tasks if t == "cfimdb")))
-    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit)
+    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit, cross=cross)
     skipped = D.summarize_skipped(raw_train + raw_dev)
 
     base = jax.random.key(cfg.seed)
     spec, params = init_model(cfg, jax.random.fold_in(base, 0))
+    ckpt_dir = bert_jax.resolve_checkpoint(cfg.checkpoint)
+    for encs in (train_sets, dev_sets):
+        check_token_ids(encs, spec.bert.vocab_size, ckpt_dir / "vocab.txt", ckpt_dir / "config.json")
     subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
     sizes = {t: len(s) for t, s in subsets.items()}
+    lengths = subset_lengths(train_sets, subsets)
+    fingerprint = {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}
     steps_per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     tx = optimizer(cfg, total_steps=total)
@@ -178,6 +251,8 @@ def train(
     if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
         dp.check_batch_size(cfg.batch_size)
         state = dp.put(state)
+    if overwrite and is_main_process():  # everything has loaded: only now delete the old run's files (announced first)
+        clear_run(run, lambda gone, kept: log({"event": "overwrite", "run": str(run), "deleting": gone, "keeping": kept}))
     run.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run, keep=cfg.keep_checkpoints)
     position = {"epoch": 0, "step_in_epoch": 0, "best_overall": -math.inf}
@@ -188,6 +263,13 @@ def train(
             if position.get("train_sizes", sizes) != sizes:
                 raise RunError(f"{where}: the training data changed since this checkpoint (examples per task "
                                f"{position['train_sizes']} then, {sizes} now); resume with the same data")
+            then = position.get("train_fingerprint", fingerprint)
+            changed = sorted(t for t in fingerprint if then.get(t, fingerprint[t]) != fingerprint[t])
+            if changed:
+                raise RunError(f"{where}: the training data changed since this checkpoint (task(s) {', '.join(changed)}: "
+                               f"same number of examples, different content: sha256 {then[changed[0]][:12]}... then, "
+                               f"{fingerprint[changed[0]][:12]}... now); resume with the same data and tokenizer, "
+                               f"or train into a new --out")
             if position.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
                 raise RunError(f"{where}: checkpoint has {position['steps_per_epoch']} steps per epoch, "
                                f"the config gives {steps_per_epoch}; resume with the run's config")
@@ -199,13 +281,20 @@ def train(
     write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
     last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
 
-    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp)
+    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
+                              impl=cfg.step_impl)
     eval_fn = make_eval_fn(spec, dp)
     dropout_key = jax.random.fold_in(base, 1)
     log({"event": "start", "total_steps": total, "steps_per_epoch": steps_per_epoch, "start_step": start_step,
          "skipped": skipped, "train_sizes": sizes})
 
     best = position["best_overall"]
+    # An epoch-end checkpoint is saved before its evaluation: fold in that evaluation when metrics.jsonl
+    # recorded it, else redo it (first thing in the loop below).
+    if last_record.get("step") == start_step and last_record.get("best") and isinstance(last_record.get("overall"), float):
+        best = max(best, last_record["overall"])
+    eval_pending = (start_step > 0 and last_record.get("step") != start_step
+                    and (start_step % steps_per_epoch == 0 or start_step >= total))
     metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
     pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
     t_last, n_last = time.perf_counter(), start_step
@@ -247,17 +336,24 @@ def train(
             best = metrics["overall"]
             check_finite(state, "training state")
             ckpt.save_best(global_step, state.params, metrics)
-        record = {"step": global_step, "epoch": epoch, **metrics, "best": is_best}
+        c = compiles.summary()  # this process's compile time so far (a resumed run counts from its restart)
+        record = {"step": global_step, "epoch": epoch, **metrics, "best": is_best,
+                  "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
+                  "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
         if is_main_process():  # multi-host: one writer
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         log({"event": "eval", **record})
 
     stopped = None
+    compiles = CompileEvents()
+    compiles.__enter__()
     try:
+        if eval_pending:
+            do_eval((start_step - 1) // steps_per_epoch)
         epoch, offset = divmod(start_step, steps_per_epoch)
         while global_step < total and stopped is None:
-            plan = D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy)
+            plan = task_plan(cfg, sizes, lengths, epoch)
             for s in range(offset, steps_per_epoch):
                 if global_step >= total:
                     break
@@ -274,15 +370,24 @@ def train(
                 if global_step % log_every == 0:
                     flush()
             flush()
-            if stopped is None and (global_step % steps_per_epoch == 0 or global_step >= total):
-                do_eval(epoch)
             check_finite(state, "training state")
+            # saved before the evaluation: a failed (or killed) evaluation never loses the trained steps
             ckpt.save_state(state, {"epoch": global_step // steps_per_epoch,
                                     "step_in_epoch": global_step % steps_per_epoch, "best_overall": best,
-                                    "steps_per_epoch": steps_per_epoch, "train_sizes": sizes})
+                                    "steps_per_epoch": steps_per_epoch, "train_sizes": sizes,
+                                    "train_fingerprint": fingerprint})
+            if stopped is None and (global_step % steps_per_epoch == 0 or global_step >= total):
+                do_eval(epoch)
             epoch, offset = epoch + 1, 0
+        best_step = ckpt.best_step()
     finally:
+        compiles.__exit__()
         ckpt.close()
     if stopped:
         log({"event": "stopped", "reason": stopped, "step": global_step})
-    return {**metrics, "best_overall": best, "step": global_step, "stopped": stopped is not None}
+    c = compiles.summary()
+    return {**{k: v for k, v in metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")},
+            "best_overall": best, "step": global_step, "stopped": stopped is not None,
+            "best_checkpoint": str(run / "best" / str(best_step)) if best_step is not None else None,
+            "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
+            "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}

@@ -1,0 +1,148 @@
+"""`bert-jax gpu-check`: the prepared GPU check (also `scripts/gpu_check.sh`), ≤ 5 minutes on one NVIDIA GPU.
+
+Runs where nothing can be installed or downloaded: it needs only jax (with CUDA), flax, optax, torch and
+transformers, and no pretrained weights (random-init BERTs are written to a temporary directory). It prints:
+
+1. parity: bert_jax on the accelerator vs transformers' BertModel (fp32, CPU) on a tiny random config;
+2. the multitask train step (summed SST + paraphrase + STS losses, mean pooling, dropout 0.1, batch 32 per
+   task, 128 tokens, bert-base shapes: 12 layers, hidden 768), JAX vs the PyTorch baseline on the same
+   device, interleaved in one run: fp32 vs fp32, bf16 vs bf16 autocast, and JAX bf16 + cuDNN attention vs
+   PyTorch bf16 + SDPA;
+3. the MFU of the bf16 JAX step: model FLOPs (6 x non-embedding params x tokens + attention) per second over
+   the GPU's dense bf16 peak (from its device kind, or `--peak-tflops`).
+
+`--dry` runs the same code on tiny shapes on whatever device JAX has (the CPU in the test suite), in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of jax's device_kind.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A10G": 70.0, "V100": 125.0}
+
+BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def _save_random_bert(out: Path, vocab_size: int, seed: int, **sizes: int) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **sizes))
+    model.save_pretrained(out)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_size - 5)]
+    (out / "vocab.txt").write_text("\n".join(words) + "\n")
+    return out
+
+
+def peak_tflops(device_kind: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def step_flops(layers: int, hidden: int, inter: int, batch: int, seq: int) -> float:
+    """Model FLOPs of one train step (forward + backward = 3 x forward) over the step's sequences:
+    sst [B, L], paraphrase [B, L] cross-encoded, STS pairs [2B, L]: 4B sequences of L tokens."""
+    tokens = 4 * batch * seq
+    dense = 2 * layers * (4 * hidden * hidden + 2 * hidden * inter) * tokens  # QKVO + FFN, forward
+    attention = 2 * layers * 2 * seq * hidden * tokens  # QK^T and AV, forward
+    return 3.0 * (dense + attention)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import torch
+
+    from bert_jax.parity import compare
+    from scripts.bench_cmd import JaxArm, TorchArm, interleave, machine, stats, synthetic_batches
+    from train.config import TrainConfig
+    from train.heads import HeadConfig
+
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    torch_device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
+    sizes = TINY if args.dry else BASE
+    batch, seq, reps = (2, 16, 2) if args.dry else (args.batch, args.seq, args.reps)
+    out: dict[str, Any] = {"device": f"{dev.platform}:{dev.device_kind}", "torch_device": torch_device,
+                           "dry": args.dry, "machine": machine()}
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"[gpu-check] {m}", file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = _save_random_bert(Path(tmp) / "tiny", 99, 0, **TINY)
+        out["parity_fp32"] = compare(tiny, batch=4, seq=32)
+        log(f"parity vs transformers (tiny, fp32): {out['parity_fp32']}")
+
+        ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
+        heads = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
+        arms = [("fp32", "float32", "xla", None, "eager"), ("bf16", "bfloat16", "xla", torch.bfloat16, "eager")]
+        if on_gpu:
+            arms.append(("bf16_cudnn", "bfloat16", "cudnn", torch.bfloat16, "sdpa"))
+        flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
+        out["step_flops"] = flops
+        for name, dtype, attn, t_dtype, t_attn in arms:
+            cfg = TrainConfig(checkpoint=str(ckpt), heads=heads, batch_size=batch, max_len=seq, buckets=(seq,),
+                              hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn)
+            jx = JaxArm(cfg)
+            tr = TorchArm(cfg, jx.params0, t_attn, device=torch_device, autocast_dtype=t_dtype)
+            batches = synthetic_batches(jx.spec.bert.vocab_size, batch, seq, 0, cross=heads.cross_tasks)
+            with jx.events:
+                t0 = time.perf_counter()
+                jx(batches)
+                first = time.perf_counter() - t0
+            tr(batches)
+            for _ in range(2):
+                jx(batches)
+                tr(batches)
+            t = interleave(lambda: jx(batches), lambda: tr(batches), reps)
+            a, b = stats(t.wall["a"]), stats(t.wall["b"])
+            row = {"jax_s": a["median_s"], "torch_s": b["median_s"], "jax_over_torch": a["median_s"] / b["median_s"],
+                   "jax_compile_s": jx.events.summary()["total_s"], "jax_first_call_s": first,
+                   "jax_model_tflops": flops / a["median_s"] / 1e12, "torch_model_tflops": flops / b["median_s"] / 1e12}
+            out[f"step_{name}"] = row
+            log(f"train step {name}: JAX {row['jax_s'] * 1e3:.1f} ms vs PyTorch {row['torch_s'] * 1e3:.1f} ms "
+                f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
+            jx = tr = None  # free the arms before the next dtype
+    peak = peak_tflops(dev.device_kind, args.peak_tflops)
+    best_bf16 = min((out[k]["jax_s"], k) for k in out if k.startswith("step_bf16"))
+    out["mfu_bf16"] = None if peak is None else flops / best_bf16[0] / (peak * 1e12)
+    out["mfu_arm"], out["peak_bf16_tflops"] = best_bf16[1], peak
+    out["population_step"] = "not measured: population training does not exist yet"
+    out["wall_s"] = time.perf_counter() - t_start
+    shown = "n/a (unknown peak; pass --peak-tflops)" if out["mfu_bf16"] is None else f"{out['mfu_bf16']:.1%}"
+    log(f"bf16 JAX MFU ({best_bf16[1]}): {shown}; total {out['wall_s']:.0f} s")
+    return out
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    r = run(args)
+    text = json.dumps(r, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-check", help="the prepared GPU check: parity, JAX vs PyTorch train step fp32/bf16, MFU")
+    p.add_argument("--dry", action="store_true", help="tiny shapes on any device (seconds): the CPU test of this check")
+    p.add_argument("--batch", type=int, default=32, help="examples per task per step (default 32)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--reps", type=int, default=10, help="interleaved timed steps per arm (default 10)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if its kind is not known")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_gpu_check)

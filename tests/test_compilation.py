@@ -1,0 +1,82 @@
+"""The persistent compilation cache (train.compilation) and the prepared GPU check's CPU dry mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.compilation import ENV_VAR, default_cache_dir, resolve_cache_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_cache_dir() == default_cache_dir() == tmp_path / "xdg" / "bert-jax" / "jax"
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert resolve_cache_dir() == tmp_path / "env"
+    assert resolve_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag wins
+    monkeypatch.setenv(ENV_VAR, "off")
+    assert resolve_cache_dir() is None
+    assert resolve_cache_dir("OFF") is None
+
+
+_PROGRAM = """
+import sys
+from scripts.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PROGRAM, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "default", "off"])
+def test_cli_honours_the_cache_setting(tmp_path, tiny_bert_dir, how):
+    """`bert-jax parity` compiles nothing of ours; `bert-jax evaluate` on a missing run fails before compiling:
+    so a real CLI command that compiles is used: `bench --what pcgrad` on the tiny BERT (two steps)."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR} | {"XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                                                                    "JAX_PLATFORMS": "cpu"}
+    pre: list[str] = []
+    where = tmp_path / "xdg" / "bert-jax" / "jax"
+    if how == "flag":
+        where = tmp_path / "flag"
+        pre = ["--compile-cache", str(where)]
+    elif how == "env":
+        where = tmp_path / "env"
+        env[ENV_VAR] = str(where)
+    elif how == "off":
+        env[ENV_VAR] = "off"
+    r = _cli(pre + ["bench", "--what", "pcgrad", "--checkpoint", str(tiny_bert_dir), "--reps", "1", "--warmup", "0",
+                    "--batch", "2", "--seq", "8", "--quiet", "--no-malloc-tuning"], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = list(where.rglob("*")) if where.exists() else []
+    if how == "off":
+        assert not files and not (tmp_path / "xdg" / "bert-jax").exists()
+    else:
+        assert len([f for f in files if f.is_file()]) >= 2, files  # both steps' programs were written
+
+
+def test_gpu_check_dry_mode_on_cpu(tmp_path):
+    """The prepared GPU check's code path on tiny shapes (CPU): parity, both dtypes' step ratios, the report."""
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry", "--quiet", "--json", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["dry"] and res["device"].startswith("cpu")
+    assert max(res["parity_fp32"].values()) < 1e-4
+    for arm in ("step_fp32", "step_bf16"):
+        row = res[arm]
+        assert row["jax_s"] > 0 and row["torch_s"] > 0
+        assert row["jax_over_torch"] == pytest.approx(row["jax_s"] / row["torch_s"])
+    assert res["step_flops"] > 0 and res["mfu_bf16"] is None  # no known peak for a CPU

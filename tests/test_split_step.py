@@ -1,0 +1,74 @@
+"""The split train step (per-task programs + one update program) equals the fused step, and compiles
+`tasks x buckets + 1` programs instead of one per combination of bucket lengths."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import bert_jax
+from tests.conftest import assert_tree_allclose
+from train import data as D
+from train.config import TrainConfig
+from train.step import init_model, init_state, make_train_step, optimizer
+
+
+def _batches(tok, data_dir, lengths: dict[str, int], start: int = 0) -> dict:
+    out = {}
+    for t, n in lengths.items():
+        enc = D.encode_task(D.load_task(data_dir, t, "train"), tok, 32)
+        out[t] = D.make_batch(enc, np.arange(start, start + 4), 4, (n,))
+    return out
+
+
+def _run(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3)):
+    spec, params = init_model(cfg, jax.random.key(0))
+    tx = optimizer(cfg, total_steps=len(schedule))
+    state = init_state(params, tx)
+    step = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, impl=impl)
+    metrics = []
+    for b in schedule:
+        state, m = step(state, b, rng)
+        metrics.append({k: float(v) for k, v in m.items()})
+    return jax.tree.map(np.asarray, state.params), metrics, step
+
+
+@pytest.mark.parametrize("combine", ["sum", "mean", "pcgrad"])
+def test_split_step_equals_fused_step(tiny_vocab_bert_dir, tiny_data_dir, combine):
+    """Three steps with dropout on and different bucket lengths per task: same params (<= 1e-6)."""
+    tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+    schedule = [_batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 0),
+                _batches(tok, tiny_data_dir, {"sst": 32, "para": 32, "sts": 16}, 4),
+                _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 8)]
+    cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine=combine, lr=1e-3, hidden_dropout=0.1,
+                      warmup_steps=1, schedule="linear", head_lr_scale=5.0)
+    fused, mf, _ = _run(cfg, "fused", schedule)
+    split, ms, _ = _run(cfg, "split", schedule)
+    assert_tree_allclose(split, fused, atol=1e-6)
+    for a, b in zip(ms, mf):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+def test_split_step_compiles_per_task_and_bucket(tiny_vocab_bert_dir, tiny_data_dir):
+    """4 step shapes over 2 buckets: the fused step compiles 4 programs, the split one 3 x 2 grads + 1 update."""
+    tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+    combos = [{"sst": a, "para": b, "sts": 16} for a in (16, 32) for b in (16, 32)]
+    schedule = [_batches(tok, tiny_data_dir, c) for c in combos] + [_batches(tok, tiny_data_dir, {"sst": 16, "para": 16, "sts": 32})]
+    cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), lr=1e-4, hidden_dropout=0.0)
+    *_, fused = _run(cfg, "fused", schedule)
+    *_, split = _run(cfg, "split", schedule)
+    assert fused._cache_size() == 5
+    grad_fn, update_fn = split.programs
+    assert grad_fn._cache_size() == 2 + 2 + 2  # sst 16/32, para 16/32, sts 16/32
+    assert update_fn._cache_size() == 1
+
+
+def test_split_step_refuses_a_mesh_and_unknown_impls(tiny_vocab_bert_dir):
+    cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir))
+    spec, params = init_model(cfg, jax.random.key(0))
+    tx = optimizer(cfg)
+    with pytest.raises(ValueError, match="fused' or 'split"):
+        make_train_step(spec, tx, cfg.tasks, impl="typo")
