@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    ?= ../shared/data
 RUN     ?= runs/multitask-sum
-PRESET  ?= cpu-sum
+PRESET  ?= cpu-recipe
 
 .PHONY: venv train test bench clean
 

@@ -14,14 +14,14 @@ import pytest
 from scripts.cli import main as cli_main
 from train.config import resolve_config
 
-TINY = ["train_limit=48", "dev_limit=24", "epoch_policy=3", "epochs=2", "batch_size=4", "max_len=32",
+TINY = ["heads.para_head=cross", "train_limit=48", "dev_limit=24", "epoch_policy=3", "epochs=2", "batch_size=4", "max_len=32",
         "buckets=[16,24,32]", "length_window=2", "warmup_steps=1", "eval_batch_size=8"]
 
 
 def test_recipe_preset_is_what_the_readme_says():
     cfg = resolve_config("cpu-recipe")
-    assert (cfg.heads.pooling, cfg.heads.para_head, cfg.heads.sts_head) == ("mean", "cross", "cosine_relu")
-    assert cfg.heads.cross_tasks == ("para",) and cfg.step_impl == "split" and cfg.length_window > 0
+    assert (cfg.heads.pooling, cfg.heads.sts_head) == ("mean", "cosine_relu")
+    assert cfg.step_impl == "split" and cfg.length_window > 0 and cfg.head_lr_scale > 1
     assert cfg.schedule == "linear" and cfg.warmup_steps > 0
 
 

@@ -254,8 +254,7 @@ def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
     from train.optim import OptimConfig, lr_multipliers, make_schedule
 
     hc = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
-    cfg = _cfg(tiny_bert_dir, "sum", heads=hc, head_lr_scale=10.0, layer_lr_decay=0.7, schedule="linear",
-               weight_decay=0.0)
+    cfg = _cfg(tiny_bert_dir, "sum", heads=hc, head_lr_scale=10.0, layer_lr_decay=0.7, schedule="linear")
     spec, params = init_model(cfg, jax.random.key(3))
     params_np = jax.tree.map(np.array, params)
     hc_t = cfg.heads
@@ -264,7 +263,7 @@ def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
     scales = lr_multipliers(params_np, cfg.head_lr_scale, cfg.layer_lr_decay)
     groups = tb.param_groups(model, params_np["bert"], scales)
     assert sorted(g["lr_scale"] for g in groups) == pytest.approx(sorted({1.0, 10.0, 0.7, 0.7 ** 2}))  # 2 tiny layers
-    opt = tb.CS224NAdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    opt = tb.CS224NAdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     schedule = make_schedule(OptimConfig(lr=cfg.lr, total_steps=4, schedule="linear"))
     batches = _batches(seed=4)
     batches["para"] = _cross_batch(seed=5)

@@ -118,9 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The accuracy recipe (issue: beat a plain PyTorch fine-tune within 30 minutes on 2 CPU cores), the default
     # of `make train`; README "Accuracy recipe" has the ablation from cpu-sum to here, one change per row.
     "cpu-recipe": dict(_CPU, batch_size=16, max_len=128, buckets=(16, 24, 32, 48, 64, 96, 128), length_window=32,
-                       step_impl="split", hidden_dropout=0.1, warmup_steps=100, schedule="linear",
-                       epochs=3, epoch_policy=250,
-                       heads={"pooling": "mean", "para_head": "cross", "sts_head": "cosine_relu"}),
+                       step_impl="split", hidden_dropout=0.1, lr=1e-4, head_lr_scale=10.0, warmup_steps=100,
+                       schedule="linear", epochs=3, epoch_policy=250,
+                       heads={"pooling": "mean", "para_head": "pair", "sts_head": "cosine_relu"}),
     "tiny": dict(epochs=1, epoch_policy=4, batch_size=4, max_len=32, buckets=(16, 32), train_limit=64, dev_limit=32),
 }
 
