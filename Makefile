@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    ?= ../shared/data
-RUN     ?= runs/multitask-sum
+RUN     ?= runs/multitask-$(shell date +%Y%m%d-%H%M%S)
 PRESET  ?= cpu-recipe
+SEED    ?= 0
 
 .PHONY: venv train test bench clean
 
@@ -19,7 +20,7 @@ $(BIN)/bert-jax: pyproject.toml
 venv: $(BIN)/bert-jax
 
 train: venv
-	$(BIN)/bert-jax train --data-dir $(DATA) --out $(RUN) --config $(PRESET)
+	$(BIN)/bert-jax train --data-dir $(DATA) --out $(RUN) --config $(PRESET) --seed $(SEED)
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -20,22 +20,25 @@ from pathlib import Path
 
 # (name, what changes, overrides on top of the previous row)
 ROWS: list[tuple[str, str, list[str]]] = [
-    ("cpu-sum", "the old `make train` preset (batch 8, pair heads, dropout 0.3, lr 5e-5 constant, <= 64 tokens)", []),
+    ("cpu-sum", "the old `make train` preset: batch 8, linear pair heads, dropout 0.3, lr 5e-5 constant, <= 64 tokens", []),
     ("+cosine-sts", "STS head 5 relu(cos(u, v)) (the checkpoint's own similarity) instead of a linear pair head",
      ["heads.sts_head=cosine_relu"]),
-    ("+cross-para", "paraphrase as one cross-encoded [CLS] a [SEP] b [SEP] sequence (linear head, BCE)",
-     ["heads.para_head=cross"]),
     ("+dropout-0.1", "hidden dropout 0.1 instead of 0.3", ["hidden_dropout=0.1"]),
-    ("+batch-16", "batch 16 per task, sequences <= 128 tokens (buckets 16..128)",
+    ("+batch-16", "batch 16 per task, sequences <= 128 tokens (buckets 16/24/32/48/64/96/128)",
      ["batch_size=16", "max_len=128", "buckets=[16,24,32,48,64,96,128]"]),
-    ("+warmup-linear", "100 warm-up steps, then linear decay to 0", ["warmup_steps=100", "schedule=linear"]),
-    ("+length-groups", "length-grouped batches and per-task programs (speed: fewer padded tokens, fewer compiles)",
+    ("+warmup-linear", "warm-up over 2/15 of the steps (100 of 750), then linear decay to 0",
+     ["warmup_steps={warmup}", "schedule=linear"]),
+    ("+lr-1e-4-heads-10x", "peak lr 1e-4, heads at 10x the encoder's lr", ["lr=1e-4", "head_lr_scale=10"]),
+    ("+length-groups", "length-grouped batches + per-task programs: fewer padded tokens (= `cpu-recipe`)",
      ["length_window=32", "step_impl=split"]),
+    ("cross-para (side)", "`cpu-recipe` with the paraphrase pair cross-encoded as one [CLS] a [SEP] b [SEP] sequence",
+     ["heads.para_head=cross"]),
 ]
 
 
-def row_overrides(k: int) -> list[str]:
-    return [o for _, _, ov in ROWS[: k + 1] for o in ov]
+def row_overrides(k: int, steps: int) -> list[str]:
+    warmup = max(1, round(steps * 100 / 750))
+    return [o.format(warmup=warmup) for _, _, ov in ROWS[: k + 1] for o in ov]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         if name in done:
             continue
         # one evaluation, at the end: epochs = 1 of `steps` steps
-        overrides = row_overrides(k) + [f"epoch_policy={args.steps}", "epochs=1", f"seed={args.seed}"]
+        overrides = row_overrides(k, args.steps) + [f"epoch_policy={args.steps}", "epochs=1", f"seed={args.seed}"]
         cfg = resolve_config("cpu-sum", overrides)
-        print(f"[ablation] row {k} {name}: {' '.join(row_overrides(k))}", file=sys.stderr, flush=True)
+        print(f"[ablation] row {k} {name}: {' '.join(overrides)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         r = train(cfg, args.data_dir, out / "runs" / name)
         done[name] = {k2: r[k2] for k2 in ("sst", "para", "sts", "overall", "step", "compile_s")} | {
-            "wall_s": round(time.perf_counter() - t0, 1), "overrides": row_overrides(k), "load_avg": os.getloadavg()}
+            "wall_s": round(time.perf_counter() - t0, 1), "overrides": overrides, "load_avg": os.getloadavg()}
         done_path.write_text(json.dumps(done, indent=2))
     lines = [f"Ablation, `python -m scripts.ablation --steps {args.steps}`: checkpoint embedded (all-MiniLM-L6-v2), "
              f"data {args.data_dir}, seed {args.seed}, {args.steps} steps per row, full dev sets; {cpu_model()}.", "",
