@@ -68,7 +68,7 @@ def test_cli_honours_the_cache_setting(tmp_path, tiny_bert_dir, how):
 def test_gpu_check_dry_mode_on_cpu(tmp_path):
     """The prepared GPU check's code path on tiny shapes (CPU): parity, both dtypes' step ratios, the report."""
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}  # the script's python3, here the venv's
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry", "--quiet", "--json", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
