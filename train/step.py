@@ -8,6 +8,7 @@ per-task `jax.grad` plus the projection of the shared (encoder) gradients, insid
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -119,31 +120,36 @@ def make_split_train_step(
     step's, so both give the same parameters up to float32 summation order.
     """
 
-    def task_grad(params: Params, task: str, batch: Batch, rng: jax.Array, step: jax.Array):
-        _, keys = _task_keys(rng, step, tasks)
-
-        def loss(p):
-            p = p if finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
-            return loss_fn(p, spec, task, batch, keys[task])
-
-        return jax.value_and_grad(loss)(params)
-
     def update(state: TrainState, losses: dict[str, jax.Array], task_grads: list[Params], rng: jax.Array):
         step_rng, _ = _task_keys(rng, state.step, tasks)
         return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, step_rng)
 
-    grad_fn = jax.jit(task_grad, static_argnums=(1,))
     update_fn = jax.jit(update, donate_argnums=(0,))
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
         losses, grads = {}, []
         for t in tasks:
-            losses[t], g = grad_fn(state.params, t, batches[t], rng, state.step)
+            losses[t], g = _task_grad(state.params, batches[t], rng, state.step, spec=spec, task=t, tasks=tasks,
+                                      finetune=finetune)
             grads.append(g)
         return update_fn(state, losses, grads, rng)
 
-    step.programs = (grad_fn, update_fn)  # for inspection (tests, compile accounting)
+    step.programs = (_task_grad, update_fn)  # for inspection (tests, compile accounting)
     return step
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "task", "tasks", "finetune"))
+def _task_grad(params: Params, batch: Batch, rng: jax.Array, step: jax.Array, *, spec: ModelSpec, task: str,
+               tasks: tuple[str, ...], finetune: bool) -> tuple[jax.Array, Params]:
+    """(loss, gradient) of one task's batch: the split step's per-task program. Module level, so every split
+    step of the process (sum, mean, PCGrad; any optimizer) shares its compiled programs per (spec, task, shape)."""
+    _, keys = _task_keys(rng, step, tasks)
+
+    def loss(p):
+        p = p if finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
+        return loss_fn(p, spec, task, batch, keys[task])
+
+    return jax.value_and_grad(loss)(params)
 
 
 def make_train_step(
