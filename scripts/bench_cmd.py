@@ -228,7 +228,7 @@ class JaxArm:
 
         self.spec, params = init_model(cfg, jax.random.key(seed))
         self.params0 = params
-        tx = optimizer(cfg)
+        tx = optimizer(cfg, total_steps=1000)  # a linear schedule needs a length; the bench times steps, not the schedule
         self.state = init_state(jax.tree.map(lambda x: x.copy(), params), tx)
         self.fn = make_train_step(self.spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune,
                                   impl=cfg.step_impl)
