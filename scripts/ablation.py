@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config("cpu-sum", ["step_impl=split"] + overrides)
         print(f"[ablation] row {k} {name}: {' '.join(overrides)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        r = train(cfg, args.data_dir, out / "runs" / name)
+        run = out / "runs" / name
+        r = train(cfg, args.data_dir, run, resume=(run / "config.yaml").is_file())  # an interrupted row resumes
         done[name] = {k2: r[k2] for k2 in ("sst", "para", "sts", "overall", "step", "compile_s")} | {
             "wall_s": round(time.perf_counter() - t0, 1), "overrides": overrides, "load_avg": os.getloadavg()}
         done_path.write_text(json.dumps(done, indent=2))
