@@ -38,7 +38,7 @@ import yaml
 import bert_jax
 from bert_jax import BertConfig, Params
 from train.config import TrainConfig
-from train.heads import HeadConfig, init_heads
+from train.heads import init_heads
 from train.step import ModelSpec, TrainState
 
 

@@ -53,7 +53,7 @@ from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, dat
 from train.config import TrainConfig
 from train.metrics import summarize, task_metric
 from train.sharding import DataParallel, is_main_process
-from train.step import ModelSpec, TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer
+from train.step import init_model, init_state, make_eval_fn, make_train_step, optimizer
 
 EVAL_TASKS = ("sst", "para", "sts")
 
