@@ -403,10 +403,10 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         sizes = {t: len(e) for t, e in encs.items()}
         lengths = {t: D.example_lengths(e) for t, e in encs.items()}
         plan = task_plan(dataclasses.replace(cfg, epoch_policy="max"), sizes, lengths, 0)
-        steps = D.epoch_steps(sizes, cfg.batch_size, "max")
+        steps = D.epoch_steps(sizes, cfg.batch_sizes, "max")
         last = None
         for s in range(steps):
-            batches = D.step_batches(encs, {t: plan[t][s] for t in cfg.tasks}, cfg.batch_size, cfg.buckets, cfg.align_buckets)
+            batches = D.step_batches(encs, {t: plan[t][s] for t in cfg.tasks}, cfg.batch_sizes, cfg.buckets, cfg.align_buckets)
             if arm is jx:
                 last = jx.step_async(batches)  # async dispatch: the next batch is built while this step runs
             else:

@@ -58,7 +58,8 @@ def _train(args: argparse.Namespace) -> int:
 
     dp = from_args(args)  # --mesh / multi-host (jax.distributed) before any JAX computation
     if dp is not None:
-        dp.check_batch_size(cfg.batch_size)
+        for b in set(cfg.batch_sizes.values()):
+            dp.check_batch_size(b)
     stop = {"sig": None}
 
     def on_signal(signum, _frame):

@@ -442,7 +442,7 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
     sizes = {t: len(s) for t, s in subsets.items()}
     lengths = subset_lengths(train_sets, subsets)
-    per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
+    per_epoch = D.epoch_steps(sizes, cfg.batch_sizes, cfg.epoch_policy)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule))
     step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.grad_clip,
@@ -453,7 +453,7 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
         epoch, s = divmod(g, per_epoch)
         if s == 0:
             plan = task_plan(cfg, sizes, lengths, epoch)
-        m = step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size, cfg.buckets,
+        m = step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_sizes, cfg.buckets,
                                 cfg.align_buckets))
         if (g + 1) % 100 == 0:
             log(f"[torch] step {g + 1}/{total}: loss {m['loss']:.4f}, {(g + 1) / (time.perf_counter() - t0):.2f} steps/s")

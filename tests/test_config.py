@@ -75,6 +75,12 @@ def test_override_on_a_preset_and_scalar_lists():
     assert cfg.batch_size == PRESETS["tiny"]["batch_size"]
 
 
+def test_task_batch_size_overrides_one_task():
+    cfg = resolve_config("tiny", ["task_batch_size={sst: 12}"])
+    assert cfg.batch_sizes == {"sst": 12, "para": 4, "sts": 4}
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_trained_tasks_always_get_a_head():
     cfg = TrainConfig(tasks=("cfimdb",))
     assert "cfimdb" in cfg.heads.heads and set(("sst", "para", "sts")) <= set(cfg.heads.heads)
@@ -88,6 +94,8 @@ def test_trained_tasks_always_get_a_head():
     (["heads.sts_head=dot"], ["sts_head", "dot"]),
     (["heads.pooling=max"], ["pooling", "max"]),
     (["lr"], ["key=value"]),
+    (["task_batch_size={cfimdb: 8}"], ["task_batch_size", "cfimdb"]),
+    (["task_batch_size={sst: 0}"], ["task_batch_size", "positive"]),
     (["lr=fast"], ["lr", "fast"]),
 ])
 def test_bad_overrides_error_clearly(overrides, words):

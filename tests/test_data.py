@@ -473,6 +473,21 @@ def test_epoch_plan_step_counts() -> None:
         epoch_plan({"sst": 0}, 8, 0, 0)
 
 
+def test_epoch_plan_per_task_batch_sizes() -> None:
+    """A task -> batch-size mapping: each task's rows are its own batch size; "max"/"min" count each task's
+    batches with its own size (sst 50/32 -> 2, para 203/8 -> 26, sts 97/16 -> 7), and a task's plan is the
+    same sequence of examples as with one shared size (only cut differently)."""
+    sizes = {"sst": 50, "para": 203, "sts": 97}
+    bs = {"sst": 32, "para": 8, "sts": 16}
+    plan = epoch_plan(sizes, bs, seed=0, epoch=0, policy="max")
+    assert {t: v.shape for t, v in plan.items()} == {"sst": (26, 32), "para": (26, 8), "sts": (26, 16)}
+    assert epoch_plan(sizes, bs, 0, 0, "min")["sts"].shape == (2, 16)
+    shared = epoch_plan(sizes, 8, seed=0, epoch=0, policy=4 * 26)["sst"].reshape(-1)
+    np.testing.assert_array_equal(plan["sst"].reshape(-1), shared[: 26 * 32])
+    with pytest.raises(ValueError, match="batch size of 'sts'"):
+        epoch_plan(sizes, {"sst": 4, "para": 4, "sts": 0}, 0, 0)
+
+
 def test_epoch_plan_cycles_are_permutations() -> None:
     plan = epoch_plan(SIZES, 8, seed=1, epoch=2)
     for t, n in SIZES.items():

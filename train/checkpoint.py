@@ -129,14 +129,20 @@ _previous_hook = sys.unraisablehook
 
 
 class _QuietOrbaxThreads(logging.Filter):
-    """Drops orbax's `_SignalingThread.run() raised an exception` records (a page of traceback per failed
-    writer thread, logged to "absl") while a save is guarded: the failure is reported once, by `_guarded`."""
+    """Drops the echoes of a failed orbax write while a save is guarded (and after it failed): orbax's
+    `_SignalingThread.run() raised an exception` (a page of traceback per failed writer thread, logged to
+    "absl") and asyncio's `... exception was never retrieved` for the abandoned write futures (logged to
+    "asyncio" whenever the future is collected). The failure is reported once, by `_guarded`."""
+
+    _ECHOES = ("_SignalingThread.run() raised an exception", "exception was never retrieved")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+        message = record.getMessage()
+        return not any(echo in message for echo in self._ECHOES)
 
 
 _QUIET_THREADS = _QuietOrbaxThreads()
+_ECHO_LOGGERS = ("absl", "asyncio")
 
 
 def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
@@ -151,8 +157,8 @@ def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
     installed = sys.unraisablehook is not _quiet_abandoned_reads
     if installed:
         _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
-    absl = logging.getLogger("absl")
-    absl.addFilter(_QUIET_THREADS)
+    for name in _ECHO_LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET_THREADS)
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
@@ -164,7 +170,8 @@ def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
     else:
         if installed:
             sys.unraisablehook = _previous_hook
-        absl.removeFilter(_QUIET_THREADS)
+        for name in _ECHO_LOGGERS:
+            logging.getLogger(name).removeFilter(_QUIET_THREADS)
         return out
     gc.collect()  # finalize the abandoned write coroutines now, under the filter
     raise RunError(f"{where}: cannot save {what} ({failure}){hint}")

@@ -36,6 +36,7 @@ class TrainConfig:
     layer_lr_decay: float = 1.0  # layer-wise lr decay: encoder layer l of L gets lr * decay ** (L - 1 - l)
     # schedule of data
     batch_size: int = 8
+    task_batch_size: dict[str, int] = dataclasses.field(default_factory=dict)  # per-task batch size overrides
     eval_batch_size: int = 64
     epochs: int = 10
     epoch_policy: str | int = "max"  # steps per epoch: "max" / "min" over task sizes, or an int
@@ -63,9 +64,17 @@ class TrainConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        odd = {t: b for t, b in self.task_batch_size.items() if t not in self.tasks or not isinstance(b, int) or b < 1}
+        if odd:
+            raise ValueError(f"task_batch_size must map trained tasks {self.tasks} to positive ints, got {odd}")
         missing = [t for t in self.tasks if t not in self.heads.heads]
         if missing:
             object.__setattr__(self, "heads", dataclasses.replace(self.heads, heads=self.heads.heads + tuple(missing)))
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """task -> its training batch size (`task_batch_size`, else `batch_size`)."""
+        return {t: self.task_batch_size.get(t, self.batch_size) for t in self.tasks}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -584,10 +584,11 @@ def make_batch(
 
 
 def step_batches(
-    encs: Mapping[str, Encoded], index: Mapping[str, np.ndarray], batch_size: int,
+    encs: Mapping[str, Encoded], index: Mapping[str, np.ndarray], batch_size: BatchSize,
     buckets: Sequence[int] = DEFAULT_BUCKETS, align: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """One training step's batches: ``{task: make_batch(encs[task], index[task], ...)}`` for each task of ``index``.
+    """One training step's batches: ``{task: make_batch(encs[task], index[task], batch_of(batch_size, task), ...)}``
+    for each task of ``index``.
 
     ``align=False``: each task's batch gets its own bucket length (least padding, but up to
     ``len(buckets) ** len(tasks)`` distinct step shapes, each one XLA compilation). ``align=True``:
@@ -597,7 +598,7 @@ def step_batches(
     """
     if align:
         buckets = (bucket_length(max(_longest(encs[t], index[t]) for t in index), buckets),)
-    return {t: make_batch(encs[t], index[t], batch_size, buckets) for t in index}
+    return {t: make_batch(encs[t], index[t], batch_of(batch_size, t), buckets) for t in index}
 
 
 def example_lengths(enc: Encoded) -> np.ndarray:
@@ -636,31 +637,44 @@ def _task_index(task: str) -> int:
     return len(names) + zlib.crc32(task.encode("utf-8"))
 
 
-def epoch_steps(sizes: Mapping[str, int], batch_size: int, policy: str | int = "max") -> int:
-    """Number of round-robin steps in one epoch (see the module docstring)."""
+BatchSize = int | Mapping[str, int]  # one batch size for every task, or task -> its batch size
+
+
+def batch_of(batch_size: BatchSize, task: str) -> int:
+    """The batch size of ``task``: ``batch_size`` itself, or its entry for ``task``."""
+    b = batch_size[task] if isinstance(batch_size, Mapping) else batch_size
+    if b < 1:
+        raise ValueError(f"batch size of {task!r} must be >= 1, got {b}")
+    return int(b)
+
+
+def epoch_steps(sizes: Mapping[str, int], batch_size: BatchSize, policy: str | int = "max") -> int:
+    """Number of round-robin steps in one epoch (see the module docstring); ``"max"`` / ``"min"`` count
+    each task's batches with its own batch size."""
     if not sizes:
         raise ValueError("sizes is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for task, n in sizes.items():
+        batch_of(batch_size, task)
         if n < 1:
             raise ValueError(f"task {task!r} has no examples")
     if isinstance(policy, (int, np.integer)) and not isinstance(policy, bool):
         if policy < 1:
             raise ValueError(f"steps per epoch must be >= 1, got {policy}")
         return int(policy)
+    per_task = [math.ceil(n / batch_of(batch_size, t)) for t, n in sizes.items()]
     if policy == "max":
-        return math.ceil(max(sizes.values()) / batch_size)
+        return max(per_task)
     if policy == "min":
-        return math.ceil(min(sizes.values()) / batch_size)
+        return min(per_task)
     raise ValueError(f"policy must be 'max', 'min' or a positive int, got {policy!r}")
 
 
 def epoch_plan(
-    sizes: Mapping[str, int], batch_size: int, seed: int, epoch: int, policy: str | int = "max",
+    sizes: Mapping[str, int], batch_size: BatchSize, seed: int, epoch: int, policy: str | int = "max",
     lengths: Mapping[str, np.ndarray] | None = None, length_window: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Round-robin plan of one epoch: task -> int64 ``[steps, batch_size]`` example indices.
+    """Round-robin plan of one epoch: task -> int64 ``[steps, B_task]`` example indices (``B_task`` =
+    :func:`batch_of` ``(batch_size, task)``).
 
     Step ``s`` trains batch ``plan[task][s]`` of every task. Each task's indices are consecutive
     reshuffles (cycles) of ``range(size)``, cycle ``c`` drawn from
@@ -676,14 +690,14 @@ def epoch_plan(
     tokens of a step.
     """
     steps = epoch_steps(sizes, batch_size, policy)
-    need = steps * batch_size
     plan: dict[str, np.ndarray] = {}
     for task, n in sizes.items():
         t_idx = _task_index(task)
+        need = steps * batch_of(batch_size, task)
         cycles = []
         for c in range(math.ceil(need / n)):
             cycles.append(np.random.default_rng((seed, epoch, t_idx, c)).permutation(n))
-        plan[task] = np.concatenate(cycles)[:need].reshape(steps, batch_size)
+        plan[task] = np.concatenate(cycles)[:need].reshape(steps, batch_of(batch_size, task))
         if length_window:
             if lengths is None:
                 raise ValueError("length_window needs the examples' lengths")

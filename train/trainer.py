@@ -167,7 +167,7 @@ def predict_scores(eval_fn, params: Params, enc: D.Encoded, batch_size: int, buc
 def task_plan(cfg: TrainConfig, sizes: dict[str, int], lengths: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
     """The round-robin plan of `epoch` (indices into each task's training subset): the one schedule of the JAX
     trainer, the PyTorch baseline's trainer and `bench --what epoch`."""
-    return D.epoch_plan(sizes, cfg.batch_size, cfg.seed, epoch, cfg.epoch_policy, lengths, cfg.length_window)
+    return D.epoch_plan(sizes, cfg.batch_sizes, cfg.seed, epoch, cfg.epoch_policy, lengths, cfg.length_window)
 
 
 def subset_lengths(train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -244,12 +244,13 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     sizes = {t: len(s) for t, s in subsets.items()}
     lengths = subset_lengths(train_sets, subsets)
     fingerprint = {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}
-    steps_per_epoch = D.epoch_steps(sizes, cfg.batch_size, cfg.epoch_policy)
+    steps_per_epoch = D.epoch_steps(sizes, cfg.batch_sizes, cfg.epoch_policy)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     tx = optimizer(cfg, total_steps=total)
     state = init_state(params, tx)
     if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
-        dp.check_batch_size(cfg.batch_size)
+        for b in set(cfg.batch_sizes.values()):
+            dp.check_batch_size(b)
         state = dp.put(state)
     if overwrite and is_main_process():  # everything has loaded: only now delete the old run's files (announced first)
         clear_run(run, lambda gone, kept: log({"event": "overwrite", "run": str(run), "deleting": gone, "keeping": kept}))
@@ -360,7 +361,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
                 if should_stop():
                     stopped = "signal"
                     break
-                batches = D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_size,
+                batches = D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_sizes,
                                          cfg.buckets, cfg.align_buckets)
                 if fault is not None:
                     batches = fault(global_step, batches)
