@@ -20,7 +20,8 @@ import numpy as np
 
 import bert_jax
 from bert_jax import Params
-from ensemble.spec import TASKS, EnsembleSpec, combine
+from ensemble.spec import EnsembleSpec, combine
+from train.tasks import evaluated_tasks
 from ensemble.stack import eval_spec, make_stacked_eval_fn, stack, stacked_predict
 from train import data as D
 from train.checkpoint import load_params
@@ -99,7 +100,7 @@ def group_models(models: Sequence[Model]) -> list[Group]:
 def load_split(
     data_dir: str | Path | None,
     split: str,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] | None = None,
     limit: int | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, D.TaskData]:
@@ -109,7 +110,7 @@ def load_split(
     """
     data_dir = D.resolve_data_dir(data_dir)
     out = {}
-    for t in tasks:
+    for t in evaluated_tasks() if tasks is None else tasks:
         try:
             td = D.load_task(data_dir, t, split)
         except D.DataError as e:
@@ -165,7 +166,7 @@ def metrics_of(scores: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray
 
 def node_scores(spec: EnsembleSpec, weights: Mapping[str, np.ndarray], data: SplitScores) -> dict[str, dict[str, np.ndarray]]:
     """`{name: {task: [N, ...]}}` for every member and node of the spec (via its compiled weights)."""
-    return {name: combine(weights[name], data.scores) for name in spec.names}
+    return {name: combine(weights[name], data.scores, spec.tasks) for name in spec.names}
 
 
 def table_rows(spec: EnsembleSpec, scores: Mapping[str, Mapping[str, np.ndarray]], data: SplitScores) -> list[dict]:

@@ -14,7 +14,8 @@ A spec names members (run directories) and nodes that combine members or other n
 Node types (the scores combined are the raw ones: SST logits [N, 5], paraphrase logits [N], STS
 predictions [N]):
   average  weighted mean of the children's scores, `weights` optional (default equal; >= 0, sum > 0)
-  task     per task (sst, para, sts) take one child's scores, as the report's task-based ensembles
+  task     per task (the registry's evaluated tasks: sst, para, sts) take one child's scores, as the report's
+           task-based ensembles
 
 Run directories are resolved relative to the results dir: the `results_dir` argument (CLI
 `--results-dir`), else the spec's `results_dir` key (relative to the spec file), else the spec file's
@@ -30,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import yaml
 
-TASKS = ("sst", "para", "sts")
-NODE_TYPES = ("average", "task")
+from train.tasks import evaluated_tasks
+
 _TOP_KEYS = ("members", "nodes", "output", "results_dir", "description")
 
 
@@ -46,7 +47,8 @@ class SpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """`kind` "average": `children` with `weights` (normalised to sum 1); "task": `children[i]` serves TASKS[i]."""
+    """`kind` "average": `children` with `weights` (normalised to sum 1); "task": `children[i]` serves the spec's
+    `tasks[i]`."""
 
     name: str
     kind: str
@@ -60,6 +62,11 @@ class EnsembleSpec:
     nodes: dict[str, Node]  # name -> node, in file order
     output: str | None = None
     results_dir: Path | None = None
+    tasks: tuple[str, ...] = ()  # the tasks scored (rows of every weight matrix): the registry's evaluated tasks
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            object.__setattr__(self, "tasks", evaluated_tasks())
 
     @property
     def models(self) -> list[Path]:
@@ -89,41 +96,81 @@ def _as_mapping(x: Any, what: str) -> Mapping:
     return x
 
 
-def _parse_node(name: str, d: Any) -> Node:
+def _parse_average(name: str, d: Mapping, tasks: tuple[str, ...]) -> Node:
+    unknown = sorted(set(d) - {"type", "children", "weights"})
+    if unknown:
+        raise SpecError(f"node {name!r}: unknown key(s) {unknown} for an average node (keys: type, children, weights)")
+    children = d.get("children")
+    if not isinstance(children, (list, tuple)) or not children or not all(isinstance(c, str) for c in children):
+        raise SpecError(f"node {name!r}: 'children' must be a non-empty list of member ids / node names")
+    weights = d.get("weights")
+    if weights is None:
+        w = np.ones(len(children))
+    else:
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(children):
+            raise SpecError(f"node {name!r}: 'weights' must be a list of {len(children)} numbers (one per child)")
+        try:
+            w = np.asarray([float(x) for x in weights], np.float64)
+        except (TypeError, ValueError):
+            raise SpecError(f"node {name!r}: 'weights' must be numbers, got {weights}") from None
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise SpecError(f"node {name!r}: weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    return Node(name, "average", tuple(children), tuple(float(x) for x in w / w.sum()))
+
+
+def _parse_task(name: str, d: Mapping, tasks: tuple[str, ...]) -> Node:
+    unknown = sorted(set(d) - {"type", *tasks})
+    if unknown:
+        raise SpecError(f"node {name!r}: unknown task(s) {unknown}; a task node maps each of {list(tasks)} to a child")
+    missing = [t for t in tasks if t not in d]
+    if missing:
+        raise SpecError(f"node {name!r}: task node has no child for task(s) {missing}")
+    for t in tasks:
+        if not isinstance(d[t], str):
+            raise SpecError(f"node {name!r}: task {t!r} must name one member or node, got {d[t]!r}")
+    return Node(name, "task", tuple(d[t] for t in tasks))
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeType:
+    """One kind of ensemble node. `parse(name, mapping, tasks) -> Node` (raises SpecError); `weights(node, kids)`:
+    its weight matrix `[len(tasks), M]` from its children's (`compile_weights`); `scores(node, kids, tasks)`: its
+    scores `{task: array}` from its children's (`naive_scores`, the reference for the compiled weights)."""
+
+    name: str
+    parse: Callable[[str, Mapping, tuple[str, ...]], Node]
+    weights: Callable[[Node, list[np.ndarray]], np.ndarray]
+    scores: Callable[[Node, list[dict[str, np.ndarray]], tuple[str, ...]], dict[str, np.ndarray]]
+
+
+NODE_TYPES: dict[str, NodeType] = {}
+
+
+def register_node_type(kind: NodeType) -> NodeType:
+    if kind.name in NODE_TYPES:
+        raise ValueError(f"ensemble node type {kind.name!r} is already registered")
+    NODE_TYPES[kind.name] = kind
+    return kind
+
+
+register_node_type(NodeType(
+    "average", _parse_average,
+    weights=lambda node, kids: sum(w * k for w, k in zip(node.weights, kids)),
+    scores=lambda node, kids, tasks: {t: sum(w * k[t] for w, k in zip(node.weights, kids)) for t in kids[0]},
+))
+register_node_type(NodeType(
+    "task", _parse_task,
+    weights=lambda node, kids: np.stack([k[i] for i, k in enumerate(kids)]),
+    scores=lambda node, kids, tasks: {t: kids[i][t] for i, t in enumerate(tasks) if t in kids[i]},
+))
+
+
+def _parse_node(name: str, d: Any, tasks: tuple[str, ...]) -> Node:
     d = _as_mapping(d, f"node {name!r}")
     kind = d.get("type")
     if kind not in NODE_TYPES:
         raise SpecError(f"node {name!r}: type must be one of {list(NODE_TYPES)}, got {kind!r}")
-    if kind == "average":
-        unknown = sorted(set(d) - {"type", "children", "weights"})
-        if unknown:
-            raise SpecError(f"node {name!r}: unknown key(s) {unknown} for an average node (keys: type, children, weights)")
-        children = d.get("children")
-        if not isinstance(children, (list, tuple)) or not children or not all(isinstance(c, str) for c in children):
-            raise SpecError(f"node {name!r}: 'children' must be a non-empty list of member ids / node names")
-        weights = d.get("weights")
-        if weights is None:
-            w = np.ones(len(children))
-        else:
-            if not isinstance(weights, (list, tuple)) or len(weights) != len(children):
-                raise SpecError(f"node {name!r}: 'weights' must be a list of {len(children)} numbers (one per child)")
-            try:
-                w = np.asarray([float(x) for x in weights], np.float64)
-            except (TypeError, ValueError):
-                raise SpecError(f"node {name!r}: 'weights' must be numbers, got {weights}") from None
-            if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-                raise SpecError(f"node {name!r}: weights must be finite, >= 0 and not all 0, got {list(weights)}")
-        return Node(name, kind, tuple(children), tuple(float(x) for x in w / w.sum()))
-    unknown = sorted(set(d) - {"type", *TASKS})
-    if unknown:
-        raise SpecError(f"node {name!r}: unknown task(s) {unknown}; a task node maps each of {list(TASKS)} to a child")
-    missing = [t for t in TASKS if t not in d]
-    if missing:
-        raise SpecError(f"node {name!r}: task node has no child for task(s) {missing}")
-    for t in TASKS:
-        if not isinstance(d[t], str):
-            raise SpecError(f"node {name!r}: task {t!r} must name one member or node, got {d[t]!r}")
-    return Node(name, kind, tuple(d[t] for t in TASKS))
+    return NODE_TYPES[kind].parse(name, d, tasks)
 
 
 def _check_graph(members: Mapping[str, Path], nodes: Mapping[str, Node]) -> None:
@@ -174,11 +221,12 @@ def parse_spec(d: Any, base_dir: str | Path = ".", results_dir: str | Path | Non
             raise SpecError(f"member {mid!r}: expected a run directory path, got {run!r}")
         members[str(mid)] = (root / str(run)).resolve()
     nodes: dict[str, Node] = {}
+    tasks = evaluated_tasks()
     for name, nd in _as_mapping(d.get("nodes") or {}, "'nodes'").items():
         name = str(name)
         if name in members:
             raise SpecError(f"node {name!r} has the same name as a member (names must be unique)")
-        nodes[name] = _parse_node(name, nd)
+        nodes[name] = _parse_node(name, nd, tasks)
     _check_graph(members, nodes)
     output = d.get("output")
     if output is not None and output not in nodes and output not in members:
@@ -188,7 +236,7 @@ def parse_spec(d: Any, base_dir: str | Path = ".", results_dir: str | Path | Non
             if not run.is_dir():
                 raise SpecError(f"member {mid!r}: run directory {run} not found "
                                 f"(member paths are relative to the results dir {root.resolve()}; see --results-dir)")
-    return EnsembleSpec(members=members, nodes=nodes, output=output, results_dir=root.resolve())
+    return EnsembleSpec(members=members, nodes=nodes, output=output, results_dir=root.resolve(), tasks=tasks)
 
 
 class _DuplicateKey(Exception):
@@ -246,7 +294,7 @@ def load_spec(path: str | Path, results_dir: str | Path | None = None, check_run
 
 
 def compile_weights(spec: EnsembleSpec) -> dict[str, np.ndarray]:
-    """Every member and node -> its weight matrix `W [len(TASKS), len(spec.models)]` (float64).
+    """Every member and node -> its weight matrix `W [len(spec.tasks), len(spec.models)]` (float64).
 
     A member is a one-hot row per task; an average node is the weighted sum of its children's matrices;
     a task node takes row t from the child named for task t.
@@ -254,17 +302,14 @@ def compile_weights(spec: EnsembleSpec) -> dict[str, np.ndarray]:
     cols, n = spec.columns(), len(spec.models)
     out: dict[str, np.ndarray] = {}
     for mid, c in cols.items():
-        w = np.zeros((len(TASKS), n))
+        w = np.zeros((len(spec.tasks), n))
         w[:, c] = 1.0
         out[mid] = w
 
     def get(name: str) -> np.ndarray:
         if name not in out:
             node = spec.nodes[name]
-            if node.kind == "average":
-                out[name] = sum(wt * get(c) for wt, c in zip(node.weights, node.children))
-            else:
-                out[name] = np.stack([get(c)[t] for t, c in enumerate(node.children)])
+            out[name] = NODE_TYPES[node.kind].weights(node, [get(c) for c in node.children])
         return out[name]
 
     for name in spec.nodes:
@@ -272,13 +317,13 @@ def compile_weights(spec: EnsembleSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def combine(w: np.ndarray, model_scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def combine(w: np.ndarray, model_scores: Mapping[str, np.ndarray], tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Scores of one compiled member/node: `{task: sum_m w[t, m] * model_scores[task][m]}`.
 
     `model_scores[task]`: `[M, N, ...]` (M unique models); returns `[N, ...]` float64 per task present.
     """
-    return {t: np.tensordot(w[TASKS.index(t)], np.asarray(s, np.float64), axes=(0, 0))
-            for t, s in model_scores.items() if t in TASKS}
+    return {t: np.tensordot(w[tasks.index(t)], np.asarray(s, np.float64), axes=(0, 0))
+            for t, s in model_scores.items() if t in tasks}
 
 
 def naive_scores(spec: EnsembleSpec, name: str, member_scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -286,7 +331,4 @@ def naive_scores(spec: EnsembleSpec, name: str, member_scores: Mapping[str, Mapp
     if name in spec.members:
         return {t: np.asarray(s, np.float64) for t, s in member_scores[name].items()}
     node = spec.nodes[name]
-    kids = [naive_scores(spec, c, member_scores) for c in node.children]
-    if node.kind == "task":
-        return {t: kids[i][t] for i, t in enumerate(TASKS) if t in kids[i]}
-    return {t: sum(w * k[t] for w, k in zip(node.weights, kids)) for t in kids[0]}
+    return NODE_TYPES[node.kind].scores(node, [naive_scores(spec, c, member_scores) for c in node.children], spec.tasks)

@@ -25,6 +25,7 @@ from ensemble.stack import make_stacked_eval_fn, resolve_chunk_tokens, stack
 from train import data as D
 from train.heads import HeadConfig, init_heads
 from train.step import ModelSpec, make_eval_fn
+from train.tasks import get_task
 
 
 def _batches(checkpoint: str, tasks: Sequence[str], n_examples: int, batch_size: int, max_len: int,
@@ -49,8 +50,8 @@ def _batches(checkpoint: str, tasks: Sequence[str], n_examples: int, batch_size:
         lens = rng.integers(8, max_len + 1, size=n_examples)
         toks = tuple(np.concatenate([[101], rng.integers(1000, 30000, size=n - 2), [102]]).astype(np.int32) for n in lens)
         enc = D.Encoded(task=t, ids=tuple(map(str, range(n_examples))), tokens1=toks,
-                        tokens2=toks[::-1] if t in D.PAIR_TASKS else None,
-                        labels=np.zeros(n_examples, np.float32 if t in D.PAIR_TASKS else np.int32), has_labels=False)
+                        tokens2=toks[::-1] if get_task(t).pair else None,
+                        labels=np.zeros(n_examples, get_task(t).label_dtype), has_labels=False)
         out += [(t, b) for b in D.eval_batches(enc, batch_size, buckets)]
     return out, f"synthetic tokens, {n_examples} examples per task of {'+'.join(tasks)} (no data dir found)"
 

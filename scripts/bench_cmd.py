@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from train.compilation import CompileEvents
+from train.tasks import get_task
 
 STEP_TASKS = ("sst", "para", "sts")
 
@@ -190,22 +191,27 @@ def synthetic_batches(vocab: int, batch: int, seq: int, seed: int, tasks=STEP_TA
         x[np.arange(batch), lengths - 1] = sep
         return x * mask, mask
 
+    def labels(task: str) -> np.ndarray:  # random labels of the task's registered type and range
+        spec = get_task(task)
+        if spec.kind == "regression":
+            return rng.uniform(*spec.label_range, batch).astype(np.float32)
+        return rng.integers(0, max(spec.num_classes, 2), batch).astype(spec.label_dtype)
+
     out = {}
     valid = np.ones((batch,), np.float32)
     for t in tasks:
-        if t in ("sst", "cfimdb"):
+        if not get_task(t).pair:
             x, m = ids()
-            n = 5 if t == "sst" else 2
-            out[t] = {"input_ids": x, "attention_mask": m, "labels": rng.integers(0, n, batch).astype(np.int32), "valid": valid}
+            out[t] = {"input_ids": x, "attention_mask": m, "labels": labels(t), "valid": valid}
         elif t in cross:
             x, m = ids()
-            y = rng.integers(0, 2, batch).astype(np.float32) if t == "para" else rng.uniform(0, 5, batch).astype(np.float32)
+            y = labels(t)
             types = ((np.arange(seq)[None, :] >= seq // 2) * m).astype(np.int32)
             out[t] = {"input_ids": x, "attention_mask": m, "token_type_ids": types, "labels": y, "valid": valid}
         else:
             x1, m1 = ids()
             x2, m2 = ids()
-            y = rng.integers(0, 2, batch).astype(np.float32) if t == "para" else rng.uniform(0, 5, batch).astype(np.float32)
+            y = labels(t)
             out[t] = {"input_ids_1": x1, "attention_mask_1": m1, "input_ids_2": x2, "attention_mask_2": m2,
                       "labels": y, "valid": valid}
     return out
@@ -385,7 +391,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     import bert_jax
     from train import data as D
-    from train.trainer import load_encoded, task_plan
+    from train.trainer import load_encoded, schedule
 
     threads = _set_threads()
     cfg = _cfg(args, combine="sum")
@@ -400,13 +406,10 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit, cross=cfg.heads.cross_tasks)
         data_s["a" if arm is jx else "b"].append(time.perf_counter() - t0)
-        sizes = {t: len(e) for t, e in encs.items()}
-        lengths = {t: D.example_lengths(e) for t, e in encs.items()}
-        plan = task_plan(dataclasses.replace(cfg, epoch_policy="max"), sizes, lengths, 0)
-        steps = D.epoch_steps(sizes, cfg.batch_sizes, "max")
+        sched = schedule(dataclasses.replace(cfg, epoch_policy="max"), encs, {t: np.arange(len(e)) for t, e in encs.items()})
+        sizes, steps = sched.sizes, sched.steps_per_epoch
         last = None
-        for s in range(steps):
-            batches = D.step_batches(encs, {t: plan[t][s] for t in cfg.tasks}, cfg.batch_sizes, cfg.buckets, cfg.align_buckets)
+        for batches in sched.epoch_batches(0):
             if arm is jx:
                 last = jx.step_async(batches)  # async dispatch: the next batch is built while this step runs
             else:

@@ -159,11 +159,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import bert_jax
     from train.data import resolve_data_dir
-    from train.trainer import EVAL_TASKS, check_token_ids, evaluate, load_encoded
+    from train.trainer import check_token_ids, evaluate, load_encoded, scored_tasks
 
     cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
     tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
-    encs, raw = load_encoded(resolve_data_dir(args.data_dir), EVAL_TASKS, args.split, tok, cfg.max_len,
+    encs, raw = load_encoded(resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok, cfg.max_len,
                              cross=cfg.heads.cross_tasks)
     check_token_ids(encs, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
     metrics, _ = evaluate(eval_fn, params, encs, cfg.eval_batch_size, cfg.buckets)
@@ -180,7 +180,7 @@ def _predict(args: argparse.Namespace) -> int:
     from train import data as D
     from train.predict import write_leaderboard_file
     from train.sharding import is_main_process
-    from train.trainer import EVAL_TASKS, check_token_ids, predict_scores
+    from train.trainer import check_token_ids, predict_scores, scored_tasks
 
     if args.input and not args.task:
         raise UserError("--input needs --task")
@@ -193,7 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.input:
         label = Path(args.input).stem
         label = f"{label}-input" if label in D.SPLITS else label
-    tasks = (args.task,) if args.task else EVAL_TASKS
+    tasks = (args.task,) if args.task else scored_tasks(cfg.heads.heads)
     data_dir = None if args.input else D.resolve_data_dir(args.data_dir)
     saved = {}
     for t in tasks:
@@ -213,6 +213,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from train.tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="bert-jax", description=__doc__)
     parser.add_argument("--compile-cache", default=None, metavar="DIR|off",
                         help="JAX persistent compilation cache (default: $BERT_JAX_COMPILE_CACHE, else "
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=["dev", "test"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--task", choices=["sst", "para", "sts", "cfimdb"], default=None, help="only this task")
+    p.add_argument("--task", choices=list(TASKS), default=None, help="only this task")
     p.add_argument("--input", default=None, help="predict this file (of --task's format) instead of the split's; "
                    "writes <task>-<file name>-output.csv")
     p.add_argument("--scores", default=None, help="also save raw per-task scores and ids to this .npz")

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = {"sst": 5, "cfimdb": 2}
-SINGLE_TASKS = ("sst", "cfimdb")
+from train.tasks import get_task
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,23 +78,26 @@ class TorchMultitask(nn.Module):
         self.drop = nn.Dropout(spec.hidden_dropout)
         heads = {}
         for task in spec.heads:
-            kind = {"para": spec.para_head, "sts": spec.sts_head}.get(task, "single")
+            kind = self._kind(task)
             if kind == "single":
-                heads[task] = nn.Linear(h, NUM_CLASSES[task])
+                heads[task] = nn.Linear(h, max(get_task(task).num_classes, 1))
             elif kind == "cross":
                 heads[task] = nn.Linear(h, 1)
             elif kind == "pair":
                 heads[task] = nn.Linear(4 * h, 1)
-            elif task == "para":  # cosine
+            elif get_task(task).kind == "binary":  # cosine: a logit
                 m = nn.Module()
                 m.scale = nn.Parameter(torch.tensor(5.0))
                 m.bias = nn.Parameter(torch.tensor(0.0))
                 heads[task] = m
-            elif kind in ("cosine", "cosine_relu"):  # sts: no parameters
+            elif kind in ("cosine", "cosine_relu"):  # regression: no parameters
                 heads[task] = nn.Module()
             else:
                 raise ValueError(f"unknown {task} head {kind!r}")
         self.heads = nn.ModuleDict(heads)
+
+    def _kind(self, task: str) -> str:
+        return {"para": self.spec.para_head, "sts": self.spec.sts_head}.get(task, get_task(task).heads[0])
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids) if types is None else types)
@@ -105,10 +108,10 @@ class TorchMultitask(nn.Module):
 
     def scores(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """sst [B, 5] / cfimdb [B, 2] logits, para logit [B], sts score [B]."""
-        head = self.heads[task]
-        if task in SINGLE_TASKS:
-            return head(self.drop(self._embed(batch["input_ids"], batch["attention_mask"])))
-        kind = self.spec.para_head if task == "para" else self.spec.sts_head
+        head, kind, spec = self.heads[task], self._kind(task), get_task(task)
+        if kind == "single":
+            out = head(self.drop(self._embed(batch["input_ids"], batch["attention_mask"])))
+            return out if spec.kind == "classes" else out[:, 0]
         if kind == "cross":
             emb = self._embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
             return head(self.drop(emb))[:, 0]
@@ -119,19 +122,20 @@ class TorchMultitask(nn.Module):
             eps = 1e-8
             norm = lambda x: (x * x).sum(-1).clamp_min(eps * eps).sqrt()  # = max(||x||, eps); zero grad at x = 0
             cos = (u * v).sum(-1) / (norm(u) * norm(v))
+            lo, hi = spec.label_range
             if kind == "cosine_relu":
-                return 5.0 * torch.relu(cos)
-            return head.scale * cos + head.bias if task == "para" else 2.5 * (1.0 + cos)
+                return hi * torch.relu(cos)
+            return head.scale * cos + head.bias if spec.kind == "binary" else (hi - lo) / 2 * (1.0 + cos) + lo
         feats = self.drop(torch.cat([u, v, (u - v).abs(), u * v], -1))
         return head(feats)[:, 0]
 
 
 def task_loss(task: str, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Masked mean over valid rows of CE (sst, cfimdb) / BCE-with-logits (para) / MSE (sts)."""
-    labels, valid = batch["labels"], batch["valid"]
-    if task in SINGLE_TASKS:
+    """Masked mean over valid rows of CE (sst, cfimdb) / BCE-with-logits (para) / MSE (sts), by the task's kind."""
+    labels, valid, kind = batch["labels"], batch["valid"], get_task(task).kind
+    if kind == "classes":
         per_row = F.cross_entropy(scores, labels.long(), reduction="none")
-    elif task == "para":
+    elif kind == "binary":
         per_row = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none")
     else:
         per_row = (scores - labels.float()) ** 2
@@ -419,17 +423,16 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     import jax
 
     import bert_jax
-    from train import data as D
     from train.metrics import summarize, task_metric
     from train.optim import OptimConfig, lr_multipliers, make_schedule
     from train.step import init_model
-    from train.trainer import EVAL_TASKS, _subset, load_encoded, predict_scores, subset_lengths, task_plan
+    from train.trainer import _subset, load_encoded, predict_scores, schedule, scored_tasks
 
     torch.manual_seed(cfg.seed)
     tok = bert_jax.load_tokenizer(cfg.checkpoint)
     cross = cfg.heads.cross_tasks
     train_sets, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, cross=cross)
-    dev_sets, _ = load_encoded(data_dir, EVAL_TASKS, "dev", tok, cfg.max_len, cfg.dev_limit, cross=cross)
+    dev_sets, _ = load_encoded(data_dir, scored_tasks(cfg.heads.heads, extra=cfg.tasks), "dev", tok, cfg.max_len, cfg.dev_limit, cross=cross)
     _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
                         sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
@@ -440,21 +443,16 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     opt = CS224NAdamW(param_groups(model, params["bert"], scales), lr=cfg.lr, betas=(cfg.b1, cfg.b2),
                       eps=cfg.eps, weight_decay=cfg.weight_decay)
     subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
-    sizes = {t: len(s) for t, s in subsets.items()}
-    lengths = subset_lengths(train_sets, subsets)
-    per_epoch = D.epoch_steps(sizes, cfg.batch_sizes, cfg.epoch_policy)
+    sched = schedule(cfg, train_sets, subsets)
+    per_epoch = sched.steps_per_epoch
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule))
     step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.grad_clip,
                            lr_at=lambda i: float(schedule(i)))
     model.train()
     t0 = time.perf_counter()
-    for g in range(total):
-        epoch, s = divmod(g, per_epoch)
-        if s == 0:
-            plan = task_plan(cfg, sizes, lengths, epoch)
-        m = step(D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_sizes, cfg.buckets,
-                                cfg.align_buckets))
+    for g, batches in sched.batches(0, total):
+        m = step(batches)
         if (g + 1) % 100 == 0:
             log(f"[torch] step {g + 1}/{total}: loss {m['loss']:.4f}, {(g + 1) / (time.perf_counter() - t0):.2f} steps/s")
     model.eval()

@@ -94,7 +94,7 @@ def test_trained_tasks_always_get_a_head():
     (["heads.sts_head=dot"], ["sts_head", "dot"]),
     (["heads.pooling=max"], ["pooling", "max"]),
     (["lr"], ["key=value"]),
-    (["task_batch_size={cfimdb: 8}"], ["task_batch_size", "cfimdb"]),
+    (["task_batch_size={nli: 8}"], ["task_batch_size", "nli"]),
     (["task_batch_size={sst: 0}"], ["task_batch_size", "positive"]),
     (["lr=fast"], ["lr", "fast"]),
 ])

@@ -15,8 +15,6 @@ from train.data import (
     example_lengths,
     length_order,
     DEFAULT_BUCKETS,
-    PAIR_TASKS,
-    TASK_FILES,
     BadRow,
     DataError,
     Encoded,
@@ -88,7 +86,7 @@ def test_real_files_row_counts(task: str, split: str) -> None:
     assert len(d) + len(d.skipped) == README_ROWS[(task, split)]
     assert len(d.ids) == len(d.sentences1) == len(d)
     assert all(s and s == s.strip() for s in d.sentences1)
-    if task in PAIR_TASKS:
+    if task in ("para", "sts"):
         assert d.sentences2 is not None and len(d.sentences2) == len(d)
     else:
         assert d.sentences2 is None
@@ -96,7 +94,7 @@ def test_real_files_row_counts(task: str, split: str) -> None:
         assert d.labels is None
     else:
         assert d.labels is not None and d.labels.shape == (len(d),)
-        assert d.labels.dtype == (np.float32 if task in PAIR_TASKS else np.int32)
+        assert d.labels.dtype == (np.float32 if task in ("para", "sts") else np.int32)
         lo, hi = {"sst": (0, 4), "cfimdb": (0, 1), "para": (0, 1), "sts": (0, 5)}[task]
         assert d.labels.min() >= lo and d.labels.max() <= hi
 

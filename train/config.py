@@ -8,9 +8,10 @@ from typing import Any
 
 import yaml
 
+from train import combine as combine_methods
 from train.heads import HeadConfig
+from train.tasks import TASKS
 
-TASKS = ("sst", "para", "sts", "cfimdb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,7 @@ class TrainConfig:
 
     checkpoint: str = "embedded"  # "embedded" or a local HF BERT directory
     tasks: tuple[str, ...] = ("sst", "para", "sts")  # tasks whose losses are trained (round robin)
-    combine: str = "sum"  # "sum" | "mean" | "pcgrad"
+    combine: str = "sum"  # a registered method of train.combine: "sum" | "mean" | "pcgrad"
     pcgrad_reduction: str = "sum"  # shared update = sum (or mean) of the projected task gradients
     finetune: bool = True  # False = the report's "pretrain": encoder frozen, heads trained
     heads: HeadConfig = HeadConfig()
@@ -59,14 +60,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        if self.combine not in ("sum", "mean", "pcgrad"):
-            raise ValueError(f"combine must be sum, mean or pcgrad, got {self.combine!r}")
+        combine_methods.get(self.combine)  # an unknown method fails here, listing the registered ones
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
-        odd = {t: b for t, b in self.task_batch_size.items() if t not in self.tasks or not isinstance(b, int) or b < 1}
+            raise ValueError(f"tasks must be a non-empty subset of the registered tasks {tuple(TASKS)}, got {self.tasks}")
+        odd = {t: b for t, b in self.task_batch_size.items() if t not in TASKS or not isinstance(b, int) or b < 1}
         if odd:
-            raise ValueError(f"task_batch_size must map trained tasks {self.tasks} to positive ints, got {odd}")
+            raise ValueError(f"task_batch_size must map registered tasks {tuple(TASKS)} to positive ints, got {odd}")
         missing = [t for t in self.tasks if t not in self.heads.heads]
         if missing:
             object.__setattr__(self, "heads", dataclasses.replace(self.heads, heads=self.heads.heads + tuple(missing)))
@@ -128,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # of `make train`; README "Accuracy recipe" has the ablation from cpu-sum to here, one change per row.
     "cpu-recipe": dict(_CPU, batch_size=16, max_len=128, buckets=(16, 24, 32, 48, 64, 96, 128), length_window=32,
                        step_impl="split", hidden_dropout=0.1, lr=1e-4, head_lr_scale=10.0, warmup_steps=100,
-                       schedule="linear", epochs=3, epoch_policy=250,
+                       schedule="linear", epochs=3, epoch_policy=250, task_batch_size={"sst": 32},
                        heads={"pooling": "mean", "para_head": "pair", "sts_head": "cosine_relu"}),
     "tiny": dict(epochs=1, epoch_policy=4, batch_size=4, max_len=32, buckets=(16, 32), train_limit=64, dev_limit=32),
 }

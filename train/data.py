@@ -40,24 +40,12 @@ from typing import Any
 
 import numpy as np
 
-TASK_FILES: dict[str, str] = {
-    "sst": "ids-sst-{split}.csv",
-    "cfimdb": "ids-cfimdb-{split}.csv",
-    "para": "quora-{split}.csv",
-    "sts": "sts-{split}.csv",
-}
-PAIR_TASKS: tuple[str, ...] = ("para", "sts")
+from train.tasks import TASKS
+
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DEFAULT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
 ENV_VAR = "BERT_JAX_DATA"
 
-# label column name, numpy dtype, inclusive range, integer-valued?
-_LABELS: dict[str, tuple[str, type, float, float, bool]] = {
-    "sst": ("sentiment", np.int32, 0, 4, True),
-    "cfimdb": ("sentiment", np.int32, 0, 1, True),
-    "para": ("is_duplicate", np.float32, 0, 1, True),
-    "sts": ("similarity", np.float32, 0.0, 5.0, False),
-}
 # A label is a plain ASCII decimal number (optional sign, fraction, exponent): `float()` alone would also take
 # `0_4` (-> 4.0), Arabic-Indic or full-width digits, `nan` and `inf`.
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
@@ -133,8 +121,8 @@ class Encoded:
 
 
 def _check_task_split(task: str, split: str) -> None:
-    if task not in TASK_FILES:
-        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_FILES)}")
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
 
@@ -142,11 +130,11 @@ def _check_task_split(task: str, split: str) -> None:
 def task_filename(task: str, split: str) -> str:
     """File name of ``task``/``split``; split "test" maps to the ``-test-student`` files."""
     _check_task_split(task, split)
-    return TASK_FILES[task].format(split="test-student" if split == "test" else split)
+    return TASKS[task].file.format(split="test-student" if split == "test" else split)
 
 
 def _expected_filenames() -> list[str]:
-    return [task_filename(t, s) for t in TASK_FILES for s in SPLITS]
+    return [task_filename(t, s) for t in TASKS for s in SPLITS]
 
 
 def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
@@ -299,7 +287,8 @@ def _records(
 
 
 def _parse_label(raw: str, task: str) -> tuple[float | None, str | None]:
-    column, _, lo, hi, integral = _LABELS[task]
+    spec = TASKS[task]
+    column, (lo, hi), integral = spec.label_column, spec.label_range, spec.integral
     s = raw.strip()
     if s == "":
         return None, f"label column {column!r} is empty"
@@ -368,9 +357,9 @@ def load_task(
         raise DataError(f"{spath}: cannot parse the header row (broken quoting)")
     assert isinstance(header, list)
 
-    pair = task in PAIR_TASKS
+    pair = TASKS[task].pair
     text_cols = ("sentence1", "sentence2") if pair else ("sentence",)
-    label_col = _LABELS[task][0]
+    label_col = TASKS[task].label_column
     cols: dict[str, int] = {}
     for name in ("id", *text_cols):
         k = _find_column(header, name, spath)
@@ -419,7 +408,7 @@ def load_task(
         if value is not None:
             labels.append(value)
 
-    label_arr = None if label_k is None else np.asarray(labels, dtype=_LABELS[task][1])
+    label_arr = None if label_k is None else np.asarray(labels, dtype=TASKS[task].label_dtype)
     return TaskData(
         task=task,
         split=split,
@@ -490,7 +479,7 @@ def encode_task(data: TaskData, tokenizer: Any, max_len: int = 128, cross: bool 
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
-    dtype = _LABELS[data.task][1]
+    dtype = TASKS[data.task].label_dtype
     has_labels = data.labels is not None
     labels = np.asarray(data.labels, dtype=dtype) if has_labels else np.zeros(len(data), dtype=dtype)
     if cross:
@@ -630,8 +619,8 @@ def length_order(enc: Encoded) -> np.ndarray:
 
 
 def _task_index(task: str) -> int:
-    """Stable per-task seed component: position in TASK_FILES, else a CRC32 of the name."""
-    names = list(TASK_FILES)
+    """Stable per-task seed component: position in the task registry, else a CRC32 of the name."""
+    names = list(TASKS)
     if task in names:
         return names.index(task)
     return len(names) + zlib.crc32(task.encode("utf-8"))
@@ -714,3 +703,60 @@ def _group_by_length(plan: np.ndarray, lengths: np.ndarray, window: int, seed: t
         visit = np.random.default_rng((*seed, zlib.crc32(b"length"), w)).permutation(len(block))
         out[start : start + len(block)] = block[visit]
     return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which examples every training step sees: the one step schedule of the JAX trainer, the PyTorch
+    baseline's trainer and `bench --what epoch`.
+
+    ``encs``: task -> its encoded training set; ``subsets``: task -> the ``[n_t]`` indices of ``encs[task]``
+    that are trained (all, or a seeded subset). Epoch ``e`` follows :func:`epoch_plan` over the subsets
+    (``seed``, ``policy``, per-task ``batch_size``, length grouping by ``length_window``); a step's batches
+    are :func:`step_batches` of ``buckets`` / ``align``. Global step ``g`` is step ``g % steps_per_epoch``
+    of epoch ``g // steps_per_epoch``.
+    """
+
+    encs: Mapping[str, Encoded]
+    subsets: Mapping[str, np.ndarray]
+    batch_size: BatchSize
+    seed: int
+    policy: str | int = "max"
+    buckets: Sequence[int] = DEFAULT_BUCKETS
+    align: bool = False
+    length_window: int = 0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {t: len(s) for t, s in self.subsets.items()}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return epoch_steps(self.sizes, self.batch_size, self.policy)
+
+    def lengths(self) -> dict[str, np.ndarray]:
+        """``[n_t]`` padded length of every trained example (what length grouping sorts by)."""
+        return {t: example_lengths(self.encs[t])[self.subsets[t]] for t in self.subsets}
+
+    def plan(self, epoch: int) -> dict[str, np.ndarray]:
+        """task -> ``[steps_per_epoch, B_task]`` indices into ``encs[task]`` for ``epoch``."""
+        plan = epoch_plan(self.sizes, self.batch_size, self.seed, epoch, self.policy,
+                          self.lengths() if self.length_window else None, self.length_window)
+        return {t: np.asarray(self.subsets[t])[p] for t, p in plan.items()}
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, dict[str, np.ndarray]]]:
+        """The batches of steps ``start ..`` of ``epoch``, built one step at a time."""
+        plan = self.plan(epoch)
+        for s in range(start, self.steps_per_epoch):
+            yield step_batches(self.encs, {t: plan[t][s] for t in plan}, self.batch_size, self.buckets, self.align)
+
+    def batches(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]]:
+        """``(g, batches)`` of global steps ``start <= g < stop``, across epochs."""
+        g = start
+        while g < stop:
+            epoch, s = divmod(g, self.steps_per_epoch)
+            for b in self.epoch_batches(epoch, s):
+                yield g, b
+                g += 1
+                if g >= stop:
+                    return

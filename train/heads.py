@@ -18,11 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax import BertConfig, Params, encode
-
-NUM_CLASSES = {"sst": 5, "cfimdb": 2}
-SINGLE_TASKS = ("sst", "cfimdb")
-PAIR_TASKS = ("para", "sts")
-PAIR_HEAD_KINDS = {"para": ("pair", "cosine", "cross"), "sts": ("pair", "cosine", "cosine_relu", "cross")}
+from train.tasks import TASKS, get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +32,21 @@ class HeadConfig:
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         for task, v in (("para", self.para_head), ("sts", self.sts_head)):
-            if v not in PAIR_HEAD_KINDS[task]:
-                raise ValueError(f"{task}_head must be one of {', '.join(PAIR_HEAD_KINDS[task])}; got {v!r}")
-        unknown = set(self.heads) - set(SINGLE_TASKS + PAIR_TASKS)
+            if task in TASKS and v not in TASKS[task].heads:
+                raise ValueError(f"{task}_head must be one of {', '.join(TASKS[task].heads)}; got {v!r}")
+        unknown = [t for t in self.heads if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task head(s) {sorted(unknown)}; known: {SINGLE_TASKS + PAIR_TASKS}")
+            raise ValueError(f"unknown task head(s) {sorted(unknown)}; known: {tuple(TASKS)}")
 
     def kind(self, task: str) -> str:
-        """"single" (sst, cfimdb) or the pair task's head kind."""
-        return {"para": self.para_head, "sts": self.sts_head}.get(task, "single")
+        """"single" (a one-sentence task) or the pair task's head kind (`para_head` / `sts_head`, else the
+        task's default, the first of its registered head kinds)."""
+        return {"para": self.para_head, "sts": self.sts_head}.get(task, get_task(task).heads[0])
 
     @property
     def cross_tasks(self) -> tuple[str, ...]:
         """Pair tasks whose data is tokenized as one cross-encoded sequence (`encode_task(cross=True)`)."""
-        return tuple(t for t in PAIR_TASKS if self.kind(t) == "cross")
+        return tuple(t for t in self.heads if TASKS[t].pair and self.kind(t) == "cross")
 
 
 def _dense_init(rng: jax.Array, n_in: int, n_out: int) -> Params:
@@ -60,17 +57,19 @@ def init_heads(hc: HeadConfig, hidden: int, rng: jax.Array) -> Params:
     """Fresh head parameters: {task: {...}}."""
     params: Params = {}
     for i, task in enumerate(hc.heads):
-        key = jax.random.fold_in(rng, i)
-        if task in SINGLE_TASKS:
-            params[task] = _dense_init(key, hidden, NUM_CLASSES[task])
-        elif task == "para" and hc.para_head == "cosine":
+        key, spec, kind = jax.random.fold_in(rng, i), get_task(task), hc.kind(task)
+        if kind == "single":
+            params[task] = _dense_init(key, hidden, spec.num_classes if spec.kind == "classes" else 1)
+        elif kind == "cosine" and spec.kind == "binary":  # a logit: learned scale and bias of the cosine
             params[task] = {"scale": jnp.array(5.0, jnp.float32), "bias": jnp.array(0.0, jnp.float32)}
-        elif task == "sts" and hc.sts_head in ("cosine", "cosine_relu"):
+        elif kind in ("cosine", "cosine_relu"):  # regression: the cosine mapped onto the label range
             params[task] = {}
-        elif hc.kind(task) == "cross":
+        elif kind == "cross":
             params[task] = _dense_init(key, hidden, 1)
-        else:
+        elif kind == "pair":
             params[task] = _dense_init(key, 4 * hidden, 1)
+        else:
+            raise ValueError(f"task {task!r}: unknown head kind {kind!r}")
     return params
 
 
@@ -119,16 +118,19 @@ def task_scores(
                      token_type_ids=batch.get("token_type_ids"), dropout_rng=enc_rng)
         x = _dropout(pool(out, batch["attention_mask"], hc.pooling), bert_config.hidden_dropout_prob, head_rng)
         logits = x @ head["kernel"] + head["bias"]
-        return logits if kind == "single" else logits[:, 0]
+        return logits if get_task(task).kind == "classes" else logits[:, 0]
     ids = jnp.concatenate([batch["input_ids_1"], batch["input_ids_2"]], axis=0)
     mask = jnp.concatenate([batch["attention_mask_1"], batch["attention_mask_2"]], axis=0)
     emb = pool(encode(params["bert"], bert_config, ids, mask, dropout_rng=enc_rng), mask, hc.pooling)
     u, v = jnp.split(emb, 2, axis=0)
-    if kind == "cosine_relu":
-        return 5.0 * jax.nn.relu(_cosine(u, v))
-    if kind == "cosine":
+    lo, hi = get_task(task).label_range
+    if kind == "cosine_relu":  # hi * max(cos, 0): for sts 5 * relu(cos)
+        return hi * jax.nn.relu(_cosine(u, v))
+    if kind == "cosine":  # binary: a logit; regression: lo + (hi - lo) * (1 + cos) / 2, for sts 2.5 * (1 + cos)
         cos = _cosine(u, v)
-        return head["scale"] * cos + head["bias"] if task == "para" else 2.5 * (1.0 + cos)
+        if get_task(task).kind == "binary":
+            return head["scale"] * cos + head["bias"]
+        return (hi - lo) / 2 * (1.0 + cos) + lo
     feats = jnp.concatenate([u, v, jnp.abs(u - v), u * v], axis=-1)
     feats = _dropout(feats, bert_config.hidden_dropout_prob, head_rng)
     return (feats @ head["kernel"] + head["bias"])[:, 0]

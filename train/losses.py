@@ -28,8 +28,8 @@ def mean_squared_error(pred: jax.Array, target: jax.Array, valid: jax.Array) -> 
     return _masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), valid)
 
 
-LOSSES = {"sst": cross_entropy, "cfimdb": cross_entropy, "para": binary_cross_entropy, "sts": mean_squared_error}
-
-
 def task_loss(task: str, scores: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    return LOSSES[task](scores, batch["labels"], batch["valid"])
+    """`task`'s loss (by its kind in the task registry) of a padded batch's scores."""
+    from train.tasks import get_task  # train.tasks builds its losses from this module
+
+    return get_task(task).loss(scores, batch["labels"], batch["valid"])

@@ -1,39 +1,33 @@
-"""Dev metrics of the report: SST / CFIMDB accuracy, paraphrase accuracy, STS Pearson r (scipy), overall."""
+"""Dev metrics of the report: SST / CFIMDB accuracy, paraphrase accuracy, STS Pearson r (scipy), overall.
+
+Each task's metric and its share of the overall score come from the task registry (`train.tasks`)."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+
+from train.tasks import get_task, overall_score
 
 
 def predictions(task: str, scores: np.ndarray) -> np.ndarray:
     """Scores -> the leaderboard's predictions: class ids (sst/cfimdb), 0/1 (para), 0..5 floats (sts)."""
-    scores = np.asarray(scores)
-    if task in ("sst", "cfimdb"):
-        return scores.argmax(-1)
-    if task == "para":
-        return (scores > 0).astype(np.int64)
-    return scores.astype(np.float64)
+    return get_task(task).predictions(scores)
 
 
 def task_metric(task: str, scores: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy for classification tasks, Pearson r for STS."""
-    pred = predictions(task, scores)
-    if task == "sts":
-        if np.std(pred) == 0 or np.std(labels) == 0:
-            return 0.0
-        return float(stats.pearsonr(pred, np.asarray(labels, np.float64)).statistic)
-    return float(np.mean(pred == np.asarray(labels).astype(np.int64)))
+    return get_task(task).metric(scores, labels)
 
 
 def overall(sst: float, para: float, sts: float) -> float:
     """The project's overall score: (sst + para + (sts + 1) / 2) / 3."""
-    return (sst + para + (sts + 1.0) / 2.0) / 3.0
+    return overall_score({"sst": sst, "para": para, "sts": sts})
 
 
 def summarize(metrics: dict[str, float]) -> dict[str, float]:
-    """Add `overall` when sst, para and sts are all present."""
+    """Add `overall` when every task of the overall score is present."""
     out = dict(metrics)
-    if all(t in metrics for t in ("sst", "para", "sts")):
-        out["overall"] = overall(metrics["sst"], metrics["para"], metrics["sts"])
+    score = overall_score(metrics)
+    if score is not None:
+        out["overall"] = score
     return out

@@ -14,17 +14,14 @@ from typing import Sequence
 import numpy as np
 
 from train.metrics import predictions
-
-_FILES = {"sst": ("sst", "Predicted_Sentiment"), "para": ("para", "Predicted_Is_Paraphrase"),
-          "sts": ("sts", "Predicted_Similiary"),  # sic: the starter's spelling
-          "cfimdb": ("cfimdb", "Predicted_Sentiment")}
+from train.tasks import get_task
 
 
 def leaderboard_lines(task: str, ids: Sequence[str], scores: np.ndarray) -> list[str]:
     """Header `id \\t <column> `, then one `id , value ` line per example (as the starter writes them)."""
     from train.data import _id_problem
 
-    _, column = _FILES[task]
+    column = get_task(task).leaderboard_column
     for i in ids:
         problem = _id_problem(str(i))
         if problem:
@@ -37,8 +34,7 @@ def write_leaderboard_file(out_dir: Path, task: str, split: str, ids: Sequence[s
                            label: str | None = None) -> Path:
     """`OUT/<task>-<split>-output.csv`, or `OUT/<task>-<label>-output.csv` (predict --input FILE: the file's
     name, so that it never replaces a split's prediction file)."""
-    prefix, _ = _FILES[task]
-    path = Path(out_dir) / f"{prefix}-{label or split}-output.csv"
+    path = Path(out_dir) / f"{get_task(task).name}-{label or split}-output.csv"
     tmp = path.with_suffix(".csv.tmp")
     tmp.write_text("".join(leaderboard_lines(task, ids, scores)))
     tmp.replace(path)

@@ -18,7 +18,7 @@ import optax
 import bert_jax
 from bert_jax import BertConfig, Params
 from bert_jax.config import BERT_JAX_OPTIONS
-from train import pcgrad
+from train import combine as combine_methods
 from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
 from train.losses import task_loss
@@ -86,16 +86,10 @@ def _task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple
 
 def _combine_and_update(tx: optax.GradientTransformation, combine: str, pcgrad_reduction: str, state: TrainState,
                         losses: dict[str, jax.Array], task_grads: list[Params], step_rng: jax.Array):
-    """Combine per-task gradients (sum / mean / PCGrad on the encoder), apply the optimizer, return (state, metrics)."""
-    if combine in ("sum", "mean"):
-        grads = jax.tree.map(lambda *xs: sum(xs), *task_grads)
-        if combine == "mean":
-            grads = jax.tree.map(lambda g: g / len(task_grads), grads)
-    else:  # pcgrad (validated by TrainConfig)
-        shared = pcgrad.combine([g["bert"] for g in task_grads], jax.random.fold_in(step_rng, 1_000_003), pcgrad_reduction)
-        # each head only appears in its own task's loss, so the sum over tasks is that task's gradient
-        heads = jax.tree.map(lambda *xs: sum(xs), *[g["heads"] for g in task_grads])
-        grads = {"bert": shared, "heads": heads}
+    """Combine per-task gradients (the registered method `combine`, see `train.combine`), apply the optimizer,
+    return (state, metrics)."""
+    method = combine_methods.get(combine)
+    grads = method.combine(task_grads, jax.random.fold_in(step_rng, 1_000_003), {"pcgrad_reduction": pcgrad_reduction})
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.tree.norm(grads)}
@@ -176,6 +170,7 @@ def make_train_step(
     are replicated. The math is the single-device step's on the global batch.
     """
 
+    method = combine_methods.get(combine)
     if impl == "split":
         if dp is not None:
             raise ValueError("step_impl='split' runs on one device; use step_impl=fused with --mesh")
@@ -193,11 +188,11 @@ def make_train_step(
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
         rng, keys = _task_keys(rng, state.step, tasks)
-        if combine in ("sum", "mean"):
+        weight = method.loss_weight
+        if weight is not None:  # a linear method: one gradient of the weighted loss sum
             def total(params):
                 losses = {t: one_task(params, t, batches[t], keys[t]) for t in tasks}
-                s = sum(losses.values())
-                return (s / len(tasks) if combine == "mean" else s), losses
+                return weight(len(tasks)) * sum(losses.values()), losses
 
             (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
             # the loss was already combined: hand the update one "task" gradient to sum

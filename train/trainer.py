@@ -53,9 +53,9 @@ from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, dat
 from train.config import TrainConfig
 from train.metrics import summarize, task_metric
 from train.sharding import DataParallel, is_main_process
+from train.tasks import evaluated_tasks
 from train.step import init_model, init_state, make_eval_fn, make_train_step, optimizer
 
-EVAL_TASKS = ("sst", "para", "sts")
 
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
@@ -164,15 +164,16 @@ def predict_scores(eval_fn, params: Params, enc: D.Encoded, batch_size: int, buc
     return scores
 
 
-def task_plan(cfg: TrainConfig, sizes: dict[str, int], lengths: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
-    """The round-robin plan of `epoch` (indices into each task's training subset): the one schedule of the JAX
-    trainer, the PyTorch baseline's trainer and `bench --what epoch`."""
-    return D.epoch_plan(sizes, cfg.batch_sizes, cfg.seed, epoch, cfg.epoch_policy, lengths, cfg.length_window)
+def scored_tasks(heads: tuple[str, ...], extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The dev tasks a model with `heads` is scored on: the registry's evaluated tasks it has a head for, then
+    `extra` (e.g. its trained tasks that are not evaluated by default, such as cfimdb)."""
+    return tuple(dict.fromkeys([t for t in evaluated_tasks() if t in heads] + list(extra)))
 
 
-def subset_lengths(train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Padded length of every example of each task's training subset (for length grouping)."""
-    return {t: D.example_lengths(train_sets[t])[subsets[t]] for t in subsets}
+def schedule(cfg: TrainConfig, train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> D.Schedule:
+    """`cfg`'s step schedule over the training subsets (see `train.data.Schedule`)."""
+    return D.Schedule(train_sets, subsets, cfg.batch_sizes, cfg.seed, cfg.epoch_policy, cfg.buckets, cfg.align_buckets,
+                      cfg.length_window)
 
 
 def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: int, buckets) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -231,7 +232,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
     cross = cfg.heads.cross_tasks
     train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len, cross=cross)
-    eval_tasks = tuple(dict.fromkeys(EVAL_TASKS + tuple(t for t in cfg.tasks if t == "cfimdb")))
+    eval_tasks = scored_tasks(cfg.heads.heads, extra=cfg.tasks)
     dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit, cross=cross)
     skipped = D.summarize_skipped(raw_train + raw_dev)
 
@@ -241,10 +242,10 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     for encs in (train_sets, dev_sets):
         check_token_ids(encs, spec.bert.vocab_size, ckpt_dir / "vocab.txt", ckpt_dir / "config.json")
     subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
-    sizes = {t: len(s) for t, s in subsets.items()}
-    lengths = subset_lengths(train_sets, subsets)
+    sched = schedule(cfg, train_sets, subsets)
+    sizes = sched.sizes
     fingerprint = {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}
-    steps_per_epoch = D.epoch_steps(sizes, cfg.batch_sizes, cfg.epoch_policy)
+    steps_per_epoch = sched.steps_per_epoch
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     tx = optimizer(cfg, total_steps=total)
     state = init_state(params, tx)
@@ -354,15 +355,12 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
             do_eval((start_step - 1) // steps_per_epoch)
         epoch, offset = divmod(start_step, steps_per_epoch)
         while global_step < total and stopped is None:
-            plan = task_plan(cfg, sizes, lengths, epoch)
-            for s in range(offset, steps_per_epoch):
+            for batches in sched.epoch_batches(epoch, offset):
                 if global_step >= total:
                     break
                 if should_stop():
                     stopped = "signal"
                     break
-                batches = D.step_batches(train_sets, {t: subsets[t][plan[t][s]] for t in cfg.tasks}, cfg.batch_sizes,
-                                         cfg.buckets, cfg.align_buckets)
                 if fault is not None:
                     batches = fault(global_step, batches)
                 state, m = step_fn(state, batches, dropout_key)

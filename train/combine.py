@@ -1,0 +1,73 @@
+"""Gradient-combination methods: how one train step turns the per-task gradients into the update.
+
+Each method is one registered `CombineMethod`; `TrainConfig.combine` names one (an unknown name fails at
+config load, listing the known ones). A new method (CAGrad, GradNorm, ...) is one module that calls
+`register(CombineMethod(...))`, imported below so that the registry always holds it.
+
+Gradients are pytrees `{"bert": encoder, "heads": {task: head}}`, one per task in `tasks` order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from bert_jax import Params
+from train import pcgrad
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineMethod:
+    """`combine(task_grads, key, options) -> grads`: the update gradient from the per-task gradients (`key`: a
+    PRNG key for methods with randomness, e.g. PCGrad's task order; `options`: the config's method options,
+    e.g. `pcgrad_reduction`). `loss_weight(n_tasks)`: for a linear method (a fixed weight per task loss),
+    that weight, so a fused step can differentiate `sum_t w * loss_t` once instead of once per task; None for a
+    method that needs each task's gradient."""
+
+    name: str
+    combine: Callable[[Sequence[Params], jax.Array, Mapping[str, Any]], Params]
+    loss_weight: Callable[[int], float] | None = None
+    doc: str = ""
+
+
+COMBINE_METHODS: dict[str, CombineMethod] = {}
+
+
+def register(method: CombineMethod) -> CombineMethod:
+    if method.name in COMBINE_METHODS:
+        raise ValueError(f"combine method {method.name!r} is already registered")
+    COMBINE_METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> CombineMethod:
+    """The registered method `name`; an unknown name is a ValueError listing the known ones."""
+    try:
+        return COMBINE_METHODS[name]
+    except KeyError:
+        raise ValueError(f"combine must be one of {sorted(COMBINE_METHODS)}, got {name!r}") from None
+
+
+def tree_sum(trees: Sequence[Params]) -> Params:
+    return jax.tree.map(lambda *xs: sum(xs), *trees)
+
+
+def _sum(task_grads, key, options):
+    return tree_sum(task_grads)
+
+
+def _mean(task_grads, key, options):
+    return jax.tree.map(lambda g: g / len(task_grads), tree_sum(task_grads))
+
+
+def _pcgrad(task_grads, key, options):
+    shared = pcgrad.combine([g["bert"] for g in task_grads], key, options.get("pcgrad_reduction", "sum"))
+    # each head only appears in its own task's loss, so the sum over tasks is that task's gradient
+    return {"bert": shared, "heads": tree_sum([g["heads"] for g in task_grads])}
+
+
+register(CombineMethod("sum", _sum, loss_weight=lambda n: 1.0, doc="sum of the task gradients (= gradient of the summed losses)"))
+register(CombineMethod("mean", _mean, loss_weight=lambda n: 1.0 / n, doc="mean of the task gradients"))
+register(CombineMethod("pcgrad", _pcgrad, doc="gradient surgery on the shared encoder (Yu et al. 2020); heads summed"))
