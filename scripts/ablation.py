@@ -29,8 +29,10 @@ ROWS: list[tuple[str, str, list[str]]] = [
     ("+warmup-linear", "warm-up over 2/15 of the steps (100 of 750), then linear decay to 0",
      ["warmup_steps={warmup}", "schedule=linear"]),
     ("+lr-1e-4-heads-10x", "peak lr 1e-4, heads at 10x the encoder's lr", ["lr=1e-4", "head_lr_scale=10"]),
-    ("+length-groups", "length-grouped batches: fewer padded tokens per step (= `cpu-recipe`)",
+    ("+length-groups", "length-grouped batches: fewer padded tokens per step",
      ["length_window=32", "step_impl=split"]),
+    ("+sst-batch-32", "32 SST sentences per step, 16 pairs for paraphrase and STS (= `cpu-recipe`)",
+     ["task_batch_size={{sst: 32}}"]),  # braces doubled: the overrides go through str.format
     ("cross-para (side)", "`cpu-recipe` with the paraphrase pair cross-encoded as one [CLS] a [SEP] b [SEP] sequence",
      ["heads.para_head=cross"]),
 ]

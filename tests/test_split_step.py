@@ -75,3 +75,35 @@ def test_split_step_refuses_a_mesh_and_unknown_impls(tiny_vocab_bert_dir):
     tx = optimizer(cfg)
     with pytest.raises(ValueError, match="fused' or 'split"):
         make_train_step(spec, tx, cfg.tasks, impl="typo")
+
+
+def test_a_test_registered_combine_method_trains_in_both_steps(tiny_vocab_bert_dir, tiny_data_dir):
+    """A new gradient-combination method is one registration (here, in the test file): a fixed weighted sum
+    2 * g_sst + g_para + g_sts. Reference: each task's jax.grad by hand, weighted, one optimizer update."""
+    import optax
+
+    from train import combine as C
+    from train.step import loss_fn
+
+    def weighted(task_grads, key, options):
+        return jax.tree.map(lambda a, b, c: 2.0 * a + b + c, *task_grads)
+
+    C.register(C.CombineMethod("weighted-2-1-1", weighted))
+    try:
+        tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+        batches = _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32})
+        cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine="weighted-2-1-1", lr=1e-3,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+        spec, params = init_model(cfg, jax.random.key(0))
+        tx = optimizer(cfg, total_steps=1)
+        grads = [jax.grad(loss_fn)(params, spec, t, batches[t], None) for t in cfg.tasks]
+        total = jax.tree.map(lambda a, b, c: 2.0 * a + b + c, *grads)
+        updates, _ = tx.update(total, tx.init(params), params)
+        want = jax.tree.map(np.asarray, optax.apply_updates(params, updates))
+        for impl in ("fused", "split"):
+            got, _, _ = _run(cfg, impl, [batches])
+            assert_tree_allclose(got, want, atol=1e-6)
+    finally:
+        C.COMBINE_METHODS.pop("weighted-2-1-1")
+    with pytest.raises(ValueError, match=r"combine must be one of \['mean', 'pcgrad', 'sum'\]"):
+        TrainConfig(combine="weighted-2-1-1")
