@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import yaml
 
+from train.registry import Registry
 from train.tasks import evaluated_tasks
 
 _TOP_KEYS = ("members", "nodes", "output", "results_dir", "description")
@@ -143,14 +144,9 @@ class NodeType:
     scores: Callable[[Node, list[dict[str, np.ndarray]], tuple[str, ...]], dict[str, np.ndarray]]
 
 
-NODE_TYPES: dict[str, NodeType] = {}
-
-
-def register_node_type(kind: NodeType) -> NodeType:
-    if kind.name in NODE_TYPES:
-        raise ValueError(f"ensemble node type {kind.name!r} is already registered")
-    NODE_TYPES[kind.name] = kind
-    return kind
+NODE_TYPES: Registry[NodeType] = Registry(
+    "ensemble node type", lambda name, known: f"type must be one of {known}, got {name!r}")
+register_node_type = NODE_TYPES.register
 
 
 register_node_type(NodeType(

@@ -16,6 +16,7 @@ import jax
 
 from bert_jax import Params
 from train import pcgrad
+from train.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,22 +33,10 @@ class CombineMethod:
     doc: str = ""
 
 
-COMBINE_METHODS: dict[str, CombineMethod] = {}
-
-
-def register(method: CombineMethod) -> CombineMethod:
-    if method.name in COMBINE_METHODS:
-        raise ValueError(f"combine method {method.name!r} is already registered")
-    COMBINE_METHODS[method.name] = method
-    return method
-
-
-def get(name: str) -> CombineMethod:
-    """The registered method `name`; an unknown name is a ValueError listing the known ones."""
-    try:
-        return COMBINE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"combine must be one of {sorted(COMBINE_METHODS)}, got {name!r}") from None
+COMBINE_METHODS: Registry[CombineMethod] = Registry(
+    "combine method", lambda name, known: f"combine must be one of {sorted(known)}, got {name!r}")
+register = COMBINE_METHODS.register
+get = COMBINE_METHODS.lookup  # the registered method `name`; an unknown name is a ValueError listing the known ones
 
 
 def tree_sum(trees: Sequence[Params]) -> Params:

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from train import losses
+from train.registry import Registry
 
 TaskKind = Literal["classes", "binary", "regression"]
 # pair-task head kinds (train/heads.py): which kinds of task accept them
@@ -101,14 +102,8 @@ class Task:
         return float(np.mean(pred == np.asarray(labels).astype(np.int64)))
 
 
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} is already registered")
-    TASKS[task.name] = task
-    return task
+TASKS: Registry[Task] = Registry("task", lambda name, known: f"unknown task {name!r}; known tasks: {', '.join(known)}")
+register_task = TASKS.register
 
 
 def unregister_task(name: str) -> None:
@@ -116,12 +111,7 @@ def unregister_task(name: str) -> None:
     TASKS.pop(name)
 
 
-def get_task(name: str) -> Task:
-    """The registered task `name`; an unknown name is a ValueError listing the known ones."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+get_task = TASKS.lookup  # the registered task `name`; an unknown name is a ValueError listing the known ones
 
 
 def evaluated_tasks() -> tuple[str, ...]:
