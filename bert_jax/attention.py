@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def keep_mask(rng: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+def keep_mask(rng: jax.Array, keep_prob: float | jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Dropout keep-mask, bit for bit `jax.random.bernoulli(rng, keep_prob, shape)`, computed cheaper.
 
     `bernoulli` draws 32 random bits per element, turns the top 23 into a float `u = (bits >> 9) * 2**-23`
@@ -28,8 +28,10 @@ def keep_mask(rng: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.A
     the erf GELU of `model.py` together cut 2.6% (seq 32) to 5% (seq 64) of the CPU time of the
     batch-8 train step, in-process A/B.)
     """
-    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
     bits = jax.random.bits(rng, shape, jnp.uint32)
+    if isinstance(keep_prob, jax.core.Tracer):  # a per-member rate (train/population.py): the same threshold, traced
+        return (bits >> 9) < jnp.ceil(jnp.asarray(keep_prob, jnp.float32) * 2**23).astype(jnp.uint32)
+    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
     return (bits >> 9) < jnp.uint32(threshold)
 
 

@@ -9,6 +9,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -20,6 +21,11 @@ BERT_JAX_OPTIONS = ("dtype", "attention_impl", "remat", "scan_layers")
 _INT_FIELDS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
                "intermediate_size": 1, "max_position_embeddings": 1, "type_vocab_size": 1, "pad_token_id": 0}
 _PROB_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def is_traced(x: Any) -> bool:
+    """True for a JAX tracer: a dropout rate may be an array inside a traced (vmapped) function."""
+    return isinstance(x, jax.core.Tracer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +67,12 @@ class BertConfig:
                 raise ValueError(f"{name} must be >= {least}, got {v}")
         for name in (*_PROB_FIELDS, "layer_norm_eps"):
             v = getattr(self, name)
+            if name in _PROB_FIELDS and is_traced(v):
+                continue  # a per-member rate of a vmapped population (train/population.py): checked where it is set
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r} ({type(v).__name__})")
         for name in _PROB_FIELDS:
-            if not 0 <= getattr(self, name) < 1:
+            if not is_traced(getattr(self, name)) and not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax.attention import keep_mask, self_attention
-from bert_jax.config import BertConfig
+from bert_jax.config import BertConfig, is_traced
 
 Params = dict[str, Any]
 
@@ -62,9 +62,10 @@ class Dropout(nn.Dropout):
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if self.rate == 0.0 or deterministic:
+        traced = is_traced(self.rate)  # a per-member rate of a vmapped population: always applied
+        if deterministic or (not traced and self.rate == 0.0):
             return inputs
-        if self.rate == 1.0:
+        if not traced and self.rate == 1.0:
             return jnp.zeros_like(inputs)
         if rng is None:
             rng = self.make_rng(self.rng_collection)

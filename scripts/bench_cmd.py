@@ -7,6 +7,10 @@
   --what split     A = the split step (per-task programs + one update program), B = the fused step.
   --what ensemble  A = a vmapped K-member ensemble, B = the K members one after another
                    (ensemble.timing.time_ensemble, dev batches).
+  --what population A = one K-member population step (train.population: stacked states, one vmapped
+                   program; members differ in lr and seed), B = the K members' single-run steps one after
+                   another, same batches. Also reports each arm's compile seconds (every separate run
+                   compiles its own step) and a 600-step whole-run estimate from the measured parts.
   --what epoch     A = JAX, B = PyTorch: one full pass over the real training data (train split of
                    sst, para, sts), each timed pass including loading + tokenisation, the epoch plan,
                    bucketed batching and every step; both frameworks see the same batches in the same
@@ -442,7 +446,67 @@ def bench_split(args: argparse.Namespace) -> dict[str, Any]:
                         ("JAX split step (per-task programs + update)", "JAX fused step (one program)"), "split")
 
 
-KINDS = {"step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split, "ensemble": bench_ensemble, "epoch": bench_epoch}
+class PopulationArm:
+    """K members (`cfgs`, see train.population) as one vmapped step; `__call__(batches)` runs it and blocks."""
+
+    def __init__(self, cfgs) -> None:
+        import jax
+
+        import bert_jax
+        from train.population import hyper, make_population_step, stack
+        from train.step import init_model, init_state, optimizer
+
+        pretrained = bert_jax.load_pretrained(cfgs[0].checkpoint)
+        inits = [init_model(c, jax.random.fold_in(jax.random.key(c.seed), 0), pretrained) for c in cfgs]
+        self.state = stack([init_state(p, optimizer(c, total_steps=1000)) for c, (_, p) in zip(cfgs, inits)])
+        self.fn = make_population_step(cfgs[0], inits[0][0].bert, 1000)
+        self.hyper = hyper(cfgs)
+        self.events = CompileEvents()
+
+    def __call__(self, batches: dict) -> None:
+        import jax
+
+        self.state, m = self.fn(self.state, batches, self.hyper)
+        jax.block_until_ready((self.state, m))
+
+
+def bench_population(args: argparse.Namespace) -> dict[str, Any]:
+    """A K-member population step (one vmapped program) vs the K members' single-run steps one after another."""
+    from train.population import member_configs
+
+    base = _cfg(args)
+    cfgs = member_configs(base, [{"lr": base.lr * (1 + k) / args.k * 2, "seed": k} for k in range(args.k)])
+    a = PopulationArm(cfgs)
+    bs = [JaxArm(c, c.seed) for c in cfgs]
+    batches = synthetic_batches(bs[0].spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=base.heads.cross_tasks)
+    with a.events:
+        first_a = seconds(a, batches)
+    firsts_b = []
+    for arm in bs:  # every separate run compiles its own step (as `train` does, without a compile cache)
+        with arm.events:
+            firsts_b.append(seconds(arm, batches))
+    compile_a = a.events.summary()["total_s"]
+    compile_b = sum(arm.events.summary()["total_s"] for arm in bs)
+    run_b = lambda: [arm(batches) for arm in bs]
+    for _ in range(args.warmup):
+        a(batches)
+        run_b()
+    _log(args, f"compiled (population {compile_a:.1f} s, {args.k} single steps {compile_b:.1f} s); timing {args.reps} reps")
+    t = interleave(lambda: a(batches), run_b, args.reps)
+    med_a, med_b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
+    steps = 600  # the study's run length
+    return result("population", f"{args.k}-member population step (one vmapped program)",
+                  f"{args.k} single-run steps, one after another", t, machine(),
+                  checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, k=args.k, tasks=list(base.tasks),
+                  members=[{"lr": c.lr, "seed": c.seed} for c in cfgs], compile_s=compile_a, compile_b_s=compile_b,
+                  a_first_call_s=first_a, b_first_calls_s=firsts_b,
+                  run_600_steps_s={"a": compile_a + steps * med_a, "b": compile_b + steps * med_b,
+                                   "a_over_b": (compile_a + steps * med_a) / (compile_b + steps * med_b),
+                                   "how": "measured compile seconds + 600 x the measured median step"},
+                  warmup=args.warmup, reps=args.reps)
+
+
+KINDS = {"population": bench_population, "step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split, "ensemble": bench_ensemble, "epoch": bench_epoch}
 
 
 def _summary_line(r: dict[str, Any]) -> str:
@@ -468,7 +532,7 @@ def _bench(args: argparse.Namespace) -> int:
     process = prepare_process(not args.no_malloc_tuning)
 
     if args.reps is None:
-        args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3}[args.what]
+        args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3, "population": 10}[args.what]
     if args.batch is None:
         args.batch = 64 if args.what == "ensemble" else 8
     for name in ("reps", "batch", "seq", "k", "n_examples"):
@@ -505,7 +569,7 @@ def register(subparsers) -> None:
                    help="transformers attention kernel of the baseline (default eager: the faster one on this CPU)")
     p.add_argument("--data-dir", default=None, help="CS224N data (epoch, ensemble); else $BERT_JAX_DATA, else ./data")
     p.add_argument("--limit", type=int, default=None, help="epoch: first N training examples per task (default: all)")
-    p.add_argument("--k", type=int, default=4, help="ensemble members")
+    p.add_argument("--k", type=int, default=4, help="ensemble / population members")
     p.add_argument("--n-examples", type=int, default=256, help="ensemble: dev examples per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults (see tune_host_malloc)")

@@ -50,9 +50,15 @@ def _train(args: argparse.Namespace) -> int:
     config = args.config
     if config is None:  # --resume continues with the run's own config unless one is given
         own = Path(args.out) / "config.yaml"
+        if args.population:  # a population's: its first member's (the members differ only in the population's fields)
+            from train.population import member_name, parse_axes
+
+            own = Path(args.out) / member_name(parse_axes(args.population)[0]) / "config.yaml"
         config = str(own) if args.resume and own.is_file() else "report"
     cfg = resolve_config(config, args.overrides, seed=args.seed, max_steps=args.steps, checkpoint=args.checkpoint)
     if args.framework == "torch":
+        if args.population:
+            raise ValueError("--population trains JAX populations; train the PyTorch baseline one run at a time")
         return _train_torch(cfg, args)
     from train.sharding import from_args, is_main_process
 
@@ -60,6 +66,10 @@ def _train(args: argparse.Namespace) -> int:
     if dp is not None:
         for b in set(cfg.batch_sizes.values()):
             dp.check_batch_size(b)
+    if args.population:
+        if dp is not None:
+            raise ValueError("--population trains on one device; drop --mesh")
+        return _train_population(cfg, args)
     stop = {"sig": None}
 
     def on_signal(signum, _frame):
@@ -111,6 +121,69 @@ def _train(args: argparse.Namespace) -> int:
         print(f"bert-jax train: interrupted by signal {stop['sig']}; checkpoint saved at step {result['step']}, "
               f"continue with --resume", file=sys.stderr)
         return 128 + int(stop["sig"])
+    return 0
+
+
+def _train_population(cfg, args: argparse.Namespace) -> int:
+    """`train --population FIELD=V1,V2 ...`: the members train as one vmapped program (train/population.py), each
+    into OUT/<member>; same exit codes as `train`."""
+    import signal
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from train.population import member_configs, member_name, parse_axes, train_population
+    from train.trainer import NonFiniteLoss
+
+    members = parse_axes(args.population)
+    cfgs = member_configs(cfg, members)
+    runs = [Path(args.out) / member_name(m) for m in members]
+    stop = {"sig": None}
+    previous = {s: signal.signal(s, lambda signum, _f: stop.update(sig=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+
+    def log(e: dict) -> None:
+        nonlocal bar
+        if e["event"] == "start":
+            if e["skipped"]:
+                print(e["skipped"], file=sys.stderr)
+            print(f"population of {len(runs)} in {args.out}: {', '.join(e['members'])}; {e['steps_per_epoch']} "
+                  f"steps/epoch, {e['total_steps']} steps", file=sys.stderr)
+            bar = tqdm(total=e["total_steps"], initial=e["start_step"], desc="train", dynamic_ncols=True,
+                       disable=args.quiet, mininterval=1.0)
+        elif e["event"] == "step":
+            bar.update(e["step"] - bar.n)
+            bar.set_postfix(mean_loss=f"{e['loss']:.3f}", steps_s=f"{e['steps_per_s']:.2f}")
+        elif e["event"] == "note":
+            print(f"bert-jax train: note: {e['message']}", file=sys.stderr)
+        elif e["event"] == "eval":
+            shown = {k: round(v, 4) for k, v in e.items() if isinstance(v, float) and k in ("sst", "para", "sts", "cfimdb", "overall")}
+            tqdm.write(f"dev @ step {e['step']} {e['member']}: {json.dumps(shown)}{'  [best]' if e['best'] else ''}",
+                       file=sys.stderr)
+
+    try:
+        results = train_population(cfgs, runs, args.data_dir, resume=args.resume, log=log,
+                                   should_stop=lambda: stop["sig"] is not None)
+    except NonFiniteLoss as e:
+        print(f"bert-jax train: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    for r in results:
+        print(json_line(r))
+    if stop["sig"] is not None:
+        print(f"bert-jax train: interrupted by signal {stop['sig']}; checkpoints saved at step {results[0]['step']}, "
+              f"continue with --resume", file=sys.stderr)
+        return 128 + int(stop["sig"])
+    for r in results:
+        shown = ", ".join(f"{t} {r[t]:.4f}" for t in ("sst", "para", "sts", "cfimdb", "overall") if t in r)
+        print(f"{r['member']}: final dev {shown}; best {r['best_overall']:.4f} at {r['best_checkpoint']}", file=sys.stderr)
+    r = results[0]
+    print(f"wall {r['wall_s'] / 60:.1f} min for {len(results)} members; compiling {r['compile_s']:.1f} s "
+          f"({r['xla_compiles']} XLA compiles)", file=sys.stderr)
     return 0
 
 
@@ -245,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--framework", choices=["jax", "torch"], default="jax",
                    help="torch: the PyTorch baseline trains the same config on the same batches (final dev metrics "
                         "in OUT/torch.json)")
+    p.add_argument("--population", action="append", metavar="FIELD=V1,V2,...",
+                   help="train a population as one vmapped program: one member per combination of the given values "
+                        "(repeat the flag per field; fields: lr, hidden_dropout, seed, combine), each into "
+                        "OUT/<field><value>-...; e.g. --population lr=4e-5,8e-5 --population seed=0,1")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. lr=3e-5 combine=pcgrad heads.sts_head=cosine)")
     add_mesh_args(p)
     p.set_defaults(func=_train)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict, protocol_summary
+from train.experiments import EXPERIMENTS, HANDOUT_DEV, REPORT_DEV, experiment_config_dict, population_groups, protocol_summary
 
 TASK_COLS = ("sst", "para", "sts", "overall")
 
@@ -34,29 +34,64 @@ def hardware() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
-def run_experiment(results: Path, protocol: str, exp, data_dir, seed: int, checkpoint: str | None,
-                   log: Callable[[str], None]) -> dict[str, Any]:
-    """Train one experiment unless it is done; resume it when it was interrupted."""
+def _record(run: Path, metrics: dict[str, Any], wall_s: float, losses: list[tuple[int, float]]) -> dict[str, Any]:
+    """done.json of a finished run: its final dev metrics (the report evaluates the final model), the wall time of
+    its program (a population's is shared by its members), its dev learning curve (after each epoch) and its
+    training loss every 20 steps."""
+    curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    record = {k: metrics[k] for k in (*TASK_COLS, "cfimdb") if k in metrics} | {
+        "wall_s": wall_s, "step": metrics["step"], "compile_s": metrics.get("compile_s"),
+        "curve": [{k: r[k] for k in ("step", *TASK_COLS, "cfimdb") if k in r} for r in curve], "loss": losses}
+    (run / "done.json").write_text(json.dumps(record))
+    return record
+
+
+def run_group(results: Path, protocol: str, exps: list, data_dir, seed: int, checkpoint: str | None,
+              log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Train a group of experiments (`train.experiments.population_groups`) unless done: one experiment as a
+    single run, several as one population (`train.population`); resume what was interrupted."""
     from train.config import TrainConfig
+    from train.population import MEMBER_FIELDS, member_configs, train_population
     from train.trainer import train
 
-    run = results / "runs" / exp.name
-    done = run / "done.json"
-    if done.is_file():
-        log(f"[skip] {exp.name}: done")
-        return json.loads(done.read_text())
+    out: dict[str, dict[str, Any]] = {}
+    todo = []
+    for exp in exps:
+        done = results / "runs" / exp.name / "done.json"
+        if done.is_file():
+            log(f"[skip] {exp.name}: done")
+            out[exp.name] = json.loads(done.read_text())
+        else:
+            todo.append(exp)
+    if not todo:
+        return out
     extra = {"seed": seed} | ({"checkpoint": checkpoint} if checkpoint else {})
-    cfg = TrainConfig.from_dict(experiment_config_dict(protocol, exp, extra))
-    resume = (run / "checkpoints").is_dir()
-    log(f"[{'resume' if resume else 'train'}] {exp.name}: {exp.label}")
+    dicts = [experiment_config_dict(protocol, e, extra) for e in todo]
+    runs = [results / "runs" / e.name for e in todo]
+    resume = all((r / "checkpoints").is_dir() for r in runs)
+    verb = "resume" if resume else "train"
     t0 = time.perf_counter()
-    metrics = train(cfg, data_dir, run, resume=resume)
-    if metrics.get("stopped"):
+    losses: list[list[tuple[int, float]]] = [[] for _ in todo]  # (step, training loss) of this invocation
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "step":
+            per = e["loss_members"] if "loss_members" in e else [e["loss"]]
+            for k, v in enumerate(per):
+                losses[k].append((e["step"], v))
+
+    if len(todo) == 1:
+        log(f"[{verb}] {todo[0].name}: {todo[0].label}")
+        results_ = [train(TrainConfig.from_dict(dicts[0]), data_dir, runs[0], resume=resume, log=on_event)]
+    else:
+        log(f"[{verb}] population of {len(todo)}: {', '.join(e.name for e in todo)}")
+        cfgs = member_configs(TrainConfig.from_dict(dicts[0]), [{f: d[f] for f in MEMBER_FIELDS} for d in dicts])
+        results_ = train_population(cfgs, runs, data_dir, resume=resume, log=on_event)
+    if any(r.get("stopped") for r in results_):
         raise KeyboardInterrupt
-    # The report evaluates the final model; best == final here (one evaluation per run in the cpu protocol).
-    record = {k: metrics[k] for k in TASK_COLS if k in metrics} | {"wall_s": time.perf_counter() - t0, "step": metrics["step"]}
-    done.write_text(json.dumps(record))
-    return record
+    wall = time.perf_counter() - t0
+    for exp, run, metrics, loss in zip(todo, runs, results_, losses):
+        out[exp.name] = _record(run, metrics, wall, loss)
+    return out
 
 
 def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Callable[[str], None]) -> dict[str, dict]:
@@ -122,6 +157,84 @@ def _row(name: str, label: str, ours: dict, theirs: tuple | None, extra: str = "
     return f"| {label} | `{name}` | " + " | ".join(cells) + f" |{extra}"
 
 
+def _verdict(effect: float, band: float, claim: str) -> str:
+    """`claim` "gain": the effect should exceed the noise band; "same": it should stay within it."""
+    if claim == "same":
+        return "reproduced" if abs(effect) <= band else "not reproduced"
+    if effect > band:
+        return "reproduced"
+    return "not reproduced" if effect < -band else "inconclusive (within the seed spread)"
+
+
+def findings(runs: dict[str, dict], ensembles: dict[str, dict]) -> list[str]:
+    """The report's claims, each marked reproduced / not reproduced / inconclusive against the noise band: the
+    spread (max - min) over the seeds of the summed-loss run."""
+    seeds = [runs[n] for n in ("sum", "sum-seed1") if n in runs]
+    if len(seeds) < 2:
+        return ["(needs the runs `sum` and `sum-seed1`: the noise band)"]
+    band = {t: max(s[t] for s in seeds) - min(s[t] for s in seeds) for t in TASK_COLS}
+    s = runs["sum"]
+    out = ["Noise band = the spread of the summed-loss run over 2 seeds (`sum`, `sum-seed1`): "
+           + ", ".join(f"{t} {band[t]:.3f}" for t in TASK_COLS) + ". An effect inside the band is not evidence.", ""]
+
+    def line(claim: str, effect: str, verdict: str) -> None:
+        out.append(f"- **{claim}**: {effect} → **{verdict}**")
+
+    singles = {t: runs.get(f"{t}-finetune") for t in ("sst", "para", "sts")}
+    if all(singles.values()):
+        diffs = {t: s[t] - singles[t][t] for t in singles}
+        worst = min(diffs[t] - band[t] for t in diffs)
+        best = max(diffs[t] + band[t] for t in diffs)
+        verdict = "reproduced" if worst > 0 else ("not reproduced" if best < 0 else "inconclusive / mixed across tasks")
+        line("Multitask beats single-task (Table 3, A.3)",
+             "summed-loss multitask − the task's own single-task fine-tune: "
+             + ", ".join(f"{t} {d:+.3f}" for t, d in diffs.items())
+             + (f"; overall vs the SST baseline {s['overall'] - singles['sst']['overall']:+.3f}" if "overall" in singles["sst"] else ""),
+             verdict)
+    if "mean" in runs:
+        e = runs["mean"]["overall"] - s["overall"]
+        line("Sum ≈ mean of the losses (A.1)", f"mean − sum overall {e:+.3f}", _verdict(e, band["overall"], "same"))
+    if "pcgrad" in runs:
+        e = runs["pcgrad"]["overall"] - s["overall"]
+        cost = ""
+        if runs["pcgrad"].get("wall_s") and s.get("wall_s"):
+            members = sum(1 for r in runs.values() if r.get("wall_s") == s["wall_s"])
+            cost = (f"; wall {runs['pcgrad']['wall_s'] / 60:.1f} min alone vs {s['wall_s'] / 60 / max(members, 1):.1f} min "
+                    f"per member of the summed-loss population")
+        line("PCGrad gains nothing for its cost (Table 3)", f"pcgrad − sum overall {e:+.3f}{cost}",
+             "reproduced" if e <= band["overall"] else "not reproduced (PCGrad gains beyond the noise)")
+    if "cosine" in runs:
+        c = runs["cosine"]
+        e_sts, e_para = c["sts"] - s["sts"], c["para"] - s["para"]
+        v_sts, v_para = _verdict(e_sts, band["sts"], "gain"), _verdict(-e_para, band["para"], "gain")
+        mse = f"; cosine + MSE on para {runs['cosine-mse']['para'] - s['para']:+.3f}" if "cosine-mse" in runs else ""
+        line("Cosine heads help STS", f"cosine − sum STS r {e_sts:+.3f}", v_sts)
+        line("Cosine heads hurt paraphrase", f"cosine (+CE) − sum para {e_para:+.3f}{mse}", v_para)
+    sweep = ["sum"] + [f"lr{k}e-5" for k in (2, 3, 4, 5, 6)]
+    if all(n in runs for n in sweep):
+        ys = [runs[n]["overall"] for n in sweep]
+        peak = max(range(len(ys)), key=ys.__getitem__)
+        rise = ys[peak] - max(ys[0], ys[-1])
+        interior = 0 < peak < len(ys) - 1
+        verdict = ("reproduced" if interior and rise > band["overall"] else
+                   "inconclusive (within the seed spread)" if rise <= band["overall"] else "not reproduced")
+        line("Figure 4: overall rises with the learning rate, peaks (at 4e-5) and falls",
+             "overall by lr " + ", ".join(f"{k}e-5 {y:.3f}" for k, y in zip((1, 2, 3, 4, 5, 6), ys))
+             + f"; peak at {peak + 1}e-5 (report: 4e-5), {rise:+.3f} above the better end", verdict)
+    ens = {n: m for n, m in ensembles.items() if n.startswith("ensemble") and "overall" in m}
+    if ens:
+        best_ens = max(ens, key=lambda n: ens[n]["overall"])
+        best_single = max((n for n in runs if "overall" in runs[n]), key=lambda n: runs[n]["overall"])
+        gain = ens[best_ens]["overall"] - runs[best_single]["overall"]
+        of_ens = best_ens in ("ensemble6", "ensemble7")
+        line("Ensembles of ensembles are best (Table 5)",
+             f"best ensemble {best_ens} {ens[best_ens]['overall']:.3f} ({'an' if of_ens else 'not an'} ensemble of "
+             f"ensembles), {gain:+.3f} over the best single run `{best_single}`",
+             "reproduced" if of_ens and gain > band["overall"] else "not reproduced" if not of_ens else
+             "inconclusive (within the seed spread)")
+    return out
+
+
 def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: dict[str, dict], torch_sum: dict | None) -> Path:
     """REPORT.md: one table per report table (ours / report (difference)), plus the plots."""
     head = "| row | run | SST acc | Para acc | STS r | Overall |\n|---|---|---|---|---|---|"
@@ -137,7 +250,9 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
         + (f" limited to the first {study['dev_limit']} examples per task" if study.get("dev_limit") else "") + ".",
         "",
     ]
-    tables = [("Table 3: model types", "3"), ("Appendix A.1 (Table 6): sum vs average of losses", "A.1"),
+    lines += ["## Findings", "", *findings(runs, ensembles), ""]
+    tables = [("Table 3: model types", "3"), ("Noise: the summed-loss run's seeds", "noise"),
+              ("Appendix A.1 (Table 6): sum vs average of losses", "A.1"),
               ("Table 7 / Figure 4: learning rate (summed losses)", "7"), ("Appendix A.3: task-specific classifiers", "A.3")]
     by_name = {e.name: e for e in EXPERIMENTS}
     for title, table in tables:
@@ -149,6 +264,8 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
             names = ["sum"] + names
         if table == "A.3":
             names = ["sst-finetune", "sst-pretrain"] + names
+        if table == "noise":
+            names = ["sum"] + names
         for n in names:
             if n in runs:
                 label = by_name[n].label if not (table == "7" and n == "sum") else "1e-5 (= Sum Losses)"
@@ -156,12 +273,22 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
         if table == "3" and torch_sum:
             lines.append(_row("torch-sum", "PyTorch baseline: Sum Losses", torch_sum, REPORT_DEV["sum"]))
         lines.append("")
+    base_rows = [n for n in ("sst-pretrain", "sst-finetune", "cfimdb-pretrain", "cfimdb-finetune") if n in runs]
+    if base_rows:
+        lines += ["## §4.2 baselines: SST and CFIMDB (dev accuracy, ours / the minBERT handout's bert-base, mean of 10 seeds)",
+                  "", "| run | SST | CFIMDB |", "|---|---|---|"]
+        for n in base_rows:
+            ref = HANDOUT_DEV.get(n, {})
+            cells = [f"{_fmt(runs[n].get(t))} / {_fmt(ref.get(t))}" for t in ("sst", "cfimdb")]
+            lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+        lines.append("")
     if ensembles:
         lines += ["## Table 5: ensembles", "", head]
         for n, m in ensembles.items():
             lines.append(_row(n, n, m, REPORT_DEV.get(n)))
         lines += ["", "![single models vs ensembles](ensembles.png)", ""]
-    lines += ["## Figure 4: learning rate", "", "![learning rate sweep](lr.png)", ""]
+    lines += ["## Figure 4: learning rate", "", "![learning rate sweep](lr.png)", "",
+              "## Learning curves (dev after each epoch, every run)", "", "![learning curves](curves.png)", ""]
     out = results / "REPORT.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -193,6 +320,28 @@ def plot(results: Path, runs: dict[str, dict], ensembles: dict[str, dict], lr_sc
     fig.savefig(results / "lr.png", dpi=120)
     plt.close(fig)
 
+    curves = {n: r["curve"] for n, r in runs.items() if r.get("curve")}
+    if curves:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        for i, (n, c) in enumerate(curves.items()):
+            cfg_tasks = [t for t in ("sst", "para", "sts", "cfimdb") if n.startswith(t + "-")]
+            ax, key = (axes[1], cfg_tasks[0]) if cfg_tasks else (axes[0], "overall")
+            style = dict(color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+            ax.plot([p["step"] for p in c], [p.get(key) for p in c], marker="o", ms=3, **style,
+                    label=n if key == "overall" else f"{n} ({key})")
+            loss = runs[n].get("loss") or []
+            if loss:
+                axes[2].plot([s for s, _ in loss], [v for _, v in loss], lw=0.8, **style, label=n)
+        axes[0].set_title("multitask runs: dev overall")
+        axes[1].set_title("single-task runs: dev metric of their task")
+        axes[2].set_title("training loss (sum of the task losses, every 20 steps)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(results / "curves.png", dpi=120)
+        plt.close(fig)
+
     items = [(n, m["overall"]) for n, m in runs.items() if "overall" in m] + [(n, m["overall"]) for n, m in ensembles.items()]
     if items:
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(items)), 4))
@@ -218,10 +367,12 @@ def _experiments(args: argparse.Namespace) -> int:
     only = set(args.only.split(",")) if args.only else None
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
-    for exp in EXPERIMENTS:
-        if only and exp.name not in only:
-            continue
-        runs[exp.name] = run_experiment(results, args.protocol, exp, data_dir, args.seed, args.checkpoint, log)
+    chosen = [e for e in EXPERIMENTS if not only or e.name in only]
+    by_name = {e.name: e for e in chosen}
+    configs = {e.name: experiment_config_dict(args.protocol, e, {"seed": args.seed}) for e in chosen}
+    for group in population_groups(configs):
+        runs |= run_group(results, args.protocol, [by_name[n] for n in group], data_dir, args.seed, args.checkpoint, log)
+    runs = {e.name: runs[e.name] for e in chosen}
     _, base, lr_scale = protocol_base(args.protocol)
     ensembles = run_ensembles(results, data_dir, base.get("dev_limit"), log) if not only else {}
     torch_sum = run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log) if not args.no_torch and not only else None

@@ -85,12 +85,12 @@ class TorchMultitask(nn.Module):
                 heads[task] = nn.Linear(h, 1)
             elif kind == "pair":
                 heads[task] = nn.Linear(4 * h, 1)
-            elif get_task(task).kind == "binary":  # cosine: a logit
+            elif kind == "cosine" and get_task(task).kind == "binary":  # cosine: a logit
                 m = nn.Module()
                 m.scale = nn.Parameter(torch.tensor(5.0))
                 m.bias = nn.Parameter(torch.tensor(0.0))
                 heads[task] = m
-            elif kind in ("cosine", "cosine_relu"):  # regression: no parameters
+            elif kind in ("cosine", "cosine_relu", "cosine_mse"):  # no parameters
                 heads[task] = nn.Module()
             else:
                 raise ValueError(f"unknown {task} head {kind!r}")
@@ -118,22 +118,27 @@ class TorchMultitask(nn.Module):
         ids = torch.cat([batch["input_ids_1"], batch["input_ids_2"]], 0)
         mask = torch.cat([batch["attention_mask_1"], batch["attention_mask_2"]], 0)
         u, v = self._embed(ids, mask).chunk(2, 0)
-        if kind in ("cosine", "cosine_relu"):
+        if kind in ("cosine", "cosine_relu", "cosine_mse"):
             eps = 1e-8
             norm = lambda x: (x * x).sum(-1).clamp_min(eps * eps).sqrt()  # = max(||x||, eps); zero grad at x = 0
             cos = (u * v).sum(-1) / (norm(u) * norm(v))
             lo, hi = spec.label_range
             if kind == "cosine_relu":
                 return hi * torch.relu(cos)
+            if kind == "cosine_mse":
+                return cos - 0.5
             return head.scale * cos + head.bias if spec.kind == "binary" else (hi - lo) / 2 * (1.0 + cos) + lo
         feats = self.drop(torch.cat([u, v, (u - v).abs(), u * v], -1))
         return head(feats)[:, 0]
 
 
-def task_loss(task: str, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Masked mean over valid rows of CE (sst, cfimdb) / BCE-with-logits (para) / MSE (sts), by the task's kind."""
+def task_loss(task: str, scores: torch.Tensor, batch: dict[str, torch.Tensor], head: str | None = None) -> torch.Tensor:
+    """Masked mean over valid rows of CE (sst, cfimdb) / BCE-with-logits (para) / MSE (sts), by the task's kind;
+    the "cosine_mse" head: MSE of cos (= score + 1/2) against the 0/1 label."""
     labels, valid, kind = batch["labels"], batch["valid"], get_task(task).kind
-    if kind == "classes":
+    if head == "cosine_mse":
+        per_row = (scores + 0.5 - labels.float()) ** 2
+    elif kind == "classes":
         per_row = F.cross_entropy(scores, labels.long(), reduction="none")
     elif kind == "binary":
         per_row = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none")
@@ -276,13 +281,13 @@ def make_torch_step(
         if combine in ("sum", "mean"):
             with torch.autocast(device_type=torch.device(device or "cpu").type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                losses = {t: task_loss(t, model.scores(t, tb[t]).float(), tb[t]) for t in tasks}
+                losses = {t: task_loss(t, model.scores(t, tb[t]).float(), tb[t], model._kind(t)) for t in tasks}
             total = sum(losses.values())
             (total / len(tasks) if combine == "mean" else total).backward()
         else:
             losses, per_task = {}, []
             for t in tasks:
-                losses[t] = task_loss(t, model.scores(t, tb[t]), tb[t])
+                losses[t] = task_loss(t, model.scores(t, tb[t]), tb[t], model._kind(t))
                 head = [p for p in model.heads[t].parameters() if p.requires_grad]
                 grads = torch.autograd.grad(losses[t], shared + head, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared + head, grads)]
@@ -422,17 +427,14 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     of the final model. Returns the metrics. `log` gets a progress line every 100 steps."""
     import jax
 
-    import bert_jax
     from train.metrics import summarize, task_metric
     from train.optim import OptimConfig, lr_multipliers, make_schedule
     from train.step import init_model
-    from train.trainer import _subset, load_encoded, predict_scores, schedule, scored_tasks
+    from train.trainer import load_run_data, predict_scores
 
     torch.manual_seed(cfg.seed)
-    tok = bert_jax.load_tokenizer(cfg.checkpoint)
-    cross = cfg.heads.cross_tasks
-    train_sets, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, cross=cross)
-    dev_sets, _ = load_encoded(data_dir, scored_tasks(cfg.heads.heads, extra=cfg.tasks), "dev", tok, cfg.max_len, cfg.dev_limit, cross=cross)
+    data = load_run_data(cfg, data_dir)  # the JAX trainer's data, subsets and step schedule
+    dev_sets, sched, total = data.dev, data.sched, data.total
     _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
                         sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
@@ -442,10 +444,6 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
         scales = lr_multipliers(params, cfg.head_lr_scale, cfg.layer_lr_decay)
     opt = CS224NAdamW(param_groups(model, params["bert"], scales), lr=cfg.lr, betas=(cfg.b1, cfg.b2),
                       eps=cfg.eps, weight_decay=cfg.weight_decay)
-    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
-    sched = schedule(cfg, train_sets, subsets)
-    per_epoch = sched.steps_per_epoch
-    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule))
     step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.grad_clip,
                            lr_at=lambda i: float(schedule(i)))

@@ -96,6 +96,8 @@ def _torch_scores(model, head: dict, hc: HeadConfig, task: str, batch: dict) -> 
     v = _torch_embed(model, batch["input_ids_2"], batch["attention_mask_2"], hc.pooling)
     if kind == "cosine_relu":
         return (5.0 * torch.clamp(F.cosine_similarity(u, v, dim=-1), min=0.0)).numpy()
+    if kind == "cosine_mse":
+        return (F.cosine_similarity(u, v, dim=-1) - 0.5).numpy()
     if kind == "cosine":
         cos = F.cosine_similarity(u, v, dim=-1)
         return (t["scale"] * cos + t["bias"]).numpy() if task == "para" else (2.5 * (cos + 1.0)).numpy()
@@ -104,7 +106,7 @@ def _torch_scores(model, head: dict, hc: HeadConfig, task: str, batch: dict) -> 
 
 
 CASES = [("sst", "pair"), ("cfimdb", "pair"), ("para", "pair"), ("para", "cosine"), ("sts", "pair"), ("sts", "cosine"),
-         ("para", "cross"), ("sts", "cross"), ("sts", "cosine_relu")]
+         ("para", "cross"), ("sts", "cross"), ("sts", "cosine_relu"), ("para", "cosine_mse")]
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -221,6 +223,17 @@ def test_losses_match_torch_with_masking(task):
     # padding rows get exactly zero gradient
     g = jax.grad(lambda s: task_loss(task, s, batch))(jnp.asarray(scores))
     assert np.all(np.asarray(g)[~keep] == 0.0) and np.any(np.asarray(g)[keep] != 0.0)
+
+
+def test_cosine_mse_head_loss_is_mse_of_the_cosine():
+    """The report's "Cosine + MSE" paraphrase head: score = cos - 1/2, loss = MSE(cos, label) over valid rows."""
+    scores, batch = _loss_case("para")
+    scores = np.clip(scores, -1.5, 0.5)  # cos - 1/2 lies in [-1.5, 0.5]
+    keep = batch["valid"] > 0
+    want = F.mse_loss(torch.tensor(scores[keep] + 0.5), torch.tensor(batch["labels"][keep])).item()
+    got = float(task_loss("para", jnp.asarray(scores), {k: jnp.asarray(v) for k, v in batch.items()}, "cosine_mse"))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(float(task_loss("para", jnp.asarray(scores), batch)), rel=1e-3)  # not the BCE
 
 
 def test_losses_without_padding_and_all_padding():

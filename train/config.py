@@ -57,6 +57,8 @@ class TrainConfig:
     scan_layers: bool = False  # encoder layers as one lax.scan: shorter compiles
     step_impl: str = "fused"  # "fused": one program per step shape | "split": per-task programs + one update
     seed: int = 0
+    data_seed: int | None = None  # the data order (shuffles, training subsets); None: `seed`. A population's members
+    # share one data order (train/population.py), so a member's config names it here.
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
@@ -70,6 +72,11 @@ class TrainConfig:
         missing = [t for t in self.tasks if t not in self.heads.heads]
         if missing:
             object.__setattr__(self, "heads", dataclasses.replace(self.heads, heads=self.heads.heads + tuple(missing)))
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order (`data_seed`, else `seed`)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def batch_sizes(self) -> dict[str, int]:

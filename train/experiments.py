@@ -4,15 +4,20 @@ An experiment is a run name + `TrainConfig` overrides on top of its protocol's b
 
 * `report`: the report's hyper-parameters (§5.3: batch 8, lr 1e-5, hidden dropout 0.3, AdamW wd 0,
   10 epochs over the largest task, full dev sets). Meant for a GPU.
-* `cpu`: the same experiments, scaled down to finish on 2 CPU cores with the embedded
-  all-MiniLM-L6-v2 in under an hour: one epoch of `CPU_STEPS` round-robin steps (batch 8), sequences
-  cut to `CPU_MAX_LEN` tokens and padded to that one length (one compiled step shape per run), every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ...
-  6e-5 sweep becomes 4e-5 ... 2.4e-4: with ~40x fewer updates the report's rates barely move the
-  model), mean pooling instead of the [CLS] pooler (all-MiniLM-L6-v2 was trained as a mean-pooled
+* `cpu`: the same experiments, scaled down for 2 CPU cores with the embedded all-MiniLM-L6-v2:
+  `CPU_EPOCHS` epochs of `CPU_EPOCH_STEPS` round-robin steps (batch 8; dev after each epoch, the learning
+  curves), sequences cut to `CPU_MAX_LEN` tokens and padded to that one length (one compiled step shape
+  per program), every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ... 6e-5 sweep becomes
+  4e-5 ... 2.4e-4: with ~20x fewer updates than the report's 10 epochs the report's rates barely move
+  the model), mean pooling instead of the [CLS] pooler (all-MiniLM-L6-v2 was trained as a mean-pooled
   sentence encoder: measured on this CPU, 150 summed-loss steps reach SST 0.443 / para 0.680 with mean
   pooling, while the [CLS] pooler still predicts the majority class of SST and Quora after 500 steps),
-  and dev metrics on the first `CPU_DEV_LIMIT` examples of each dev set. Everything else
-  (batch size, dropout, losses, heads, optimizer, task sampling) is the report's.
+  and the full dev sets. Everything else (batch size, dropout, losses, heads, optimizer, task
+  sampling) is the report's.
+
+Runs whose configs differ only in `train.population.MEMBER_FIELDS` (learning rate, dropout, seed, sum vs
+mean) train together as one population (`population_groups`); the others (PCGrad, cosine heads,
+single-task runs) each as their own program.
 
 Run names are the members that `ensembles/report.yaml` refers to.
 """
@@ -22,10 +27,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-CPU_STEPS = 120
+CPU_EPOCHS = 2
+CPU_EPOCH_STEPS = 300  # 600 steps per run; a full-dev evaluation costs ~1 min of 2 CPU cores per run
 CPU_LR_SCALE = 4.0
-CPU_DEV_LIMIT = 300
-CPU_MAX_LEN = 48
+CPU_MAX_LEN = 32
 BASE_LR = 1e-5
 
 
@@ -46,8 +51,11 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("sst-pretrain", "3", "Sentiment Pretrained", _single("sst", False)),
     Experiment("sum", "3", "Sum Losses", {}),
     Experiment("pcgrad", "3", "Gradient Surgery", {"combine": "pcgrad"}),
-    Experiment("cosine", "3", "Cosine Similarity (+MSE on STS, +BCE on para)",
+    Experiment("cosine", "3", "Cosine Similarity + CE on para (+MSE on STS)",
                {"heads": {"para_head": "cosine", "sts_head": "cosine"}}),
+    Experiment("cosine-mse", "3", "Cosine Similarity + MSE on para (+MSE on STS)",
+               {"heads": {"para_head": "cosine_mse", "sts_head": "cosine"}}),
+    Experiment("sum-seed1", "noise", "Sum Losses, seed 1 (the noise band)", {"seed": 1}),
     Experiment("mean", "A.1", "average losses", {"combine": "mean"}),
     Experiment("sum-drop0.4", "A.1", "sum losses, 0.4 dropout", {"hidden_dropout": 0.4}),
     Experiment("mean-drop0.4", "A.1", "average losses, 0.4 dropout", {"combine": "mean", "hidden_dropout": 0.4}),
@@ -56,7 +64,14 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("para-pretrain", "A.3", "Paraphrase Pretrain", _single("para", False)),
     Experiment("sts-finetune", "A.3", "Semantic Similarity Finetune", _single("sts", True)),
     Experiment("sts-pretrain", "A.3", "Semantic Similarity Pretrain", _single("sts", False)),
+    Experiment("cfimdb-finetune", "4.2", "CFIMDB Fine-tuned", _single("cfimdb", True)),
+    Experiment("cfimdb-pretrain", "4.2", "CFIMDB Pretrained", _single("cfimdb", False)),
 )
+
+# The minBERT handout's reference dev accuracies (bert-base, mean of 10 seeds), beside §4.2's baseline rows.
+HANDOUT_DEV: dict[str, dict[str, float]] = {
+    "sst-pretrain": {"sst": 0.391}, "sst-finetune": {"sst": 0.515}, "cfimdb-finetune": {"cfimdb": 0.966},
+}
 
 # Soups average the weights of runs that share one architecture (pair heads, all three tasks trained).
 SOUP_MEMBERS = ("sum", "mean", "sum-drop0.4", "mean-drop0.4", "lr2e-5", "lr3e-5", "lr4e-5", "lr5e-5", "lr6e-5", "pcgrad")
@@ -68,6 +83,8 @@ REPORT_DEV: dict[str, tuple[float | None, ...]] = {
     "sum": (0.518, 0.757, 0.444, 0.666),
     "pcgrad": (0.513, 0.748, 0.475, 0.666),
     "cosine": (None, 0.732, 0.559, None),  # para from "Cosine + CE", sts from "Cosine + MSE"
+    "cosine-mse": (None, 0.590, 0.559, None),  # para from "Cosine + MSE"
+    "sum-seed1": (0.518, 0.757, 0.444, 0.666),  # the report's single Sum Losses run
     "mean": (0.514, 0.753, 0.444, 0.664),
     "sum-drop0.4": (0.505, 0.752, 0.456, 0.665),
     "mean-drop0.4": (0.509, 0.753, 0.473, 0.666),
@@ -95,11 +112,10 @@ def protocol_base(protocol: str) -> tuple[str, dict[str, Any], float]:
     if protocol == "report":
         return "report", {}, 1.0
     if protocol == "cpu":
-        return "report", {"epochs": 1, "epoch_policy": CPU_STEPS, "max_len": CPU_MAX_LEN, "buckets": [CPU_MAX_LEN],
-                          "heads": {"pooling": "mean"},
-                          "dev_limit": CPU_DEV_LIMIT, "eval_batch_size": 128}, CPU_LR_SCALE
+        return "report", {"epochs": CPU_EPOCHS, "epoch_policy": CPU_EPOCH_STEPS, "max_len": CPU_MAX_LEN,
+                          "buckets": [CPU_MAX_LEN], "heads": {"pooling": "mean"}, "eval_batch_size": 128}, CPU_LR_SCALE
     if protocol == "tiny":  # for tests: a few steps on tiny data
-        return "report", {"epochs": 1, "epoch_policy": 2, "max_len": 32, "buckets": [32], "dev_limit": 16,
+        return "report", {"epochs": 2, "epoch_policy": 1, "max_len": 32, "buckets": [32], "dev_limit": 16,
                           "batch_size": 4, "eval_batch_size": 16}, 1.0
     raise ValueError(f"unknown protocol {protocol!r} (report, cpu or tiny)")
 
@@ -116,6 +132,20 @@ def experiment_config_dict(protocol: str, exp: Experiment, extra: dict[str, Any]
     d.update(ov)
     d["lr"] = d.get("lr", BASE_LR) * lr_scale
     return d
+
+
+def population_groups(configs: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Experiment names grouped into populations: configs equal but for `train.population.MEMBER_FIELDS` (and
+    combining losses linearly, or all by the same method); in `configs` order."""
+    from train import combine as combine_methods
+    from train.population import MEMBER_FIELDS
+
+    groups: dict[str, list[str]] = {}
+    for name, d in configs.items():
+        linear = combine_methods.get(d.get("combine", "sum")).loss_weight is not None
+        key = repr(sorted((k, repr(v)) for k, v in d.items() if k not in MEMBER_FIELDS or (k == "combine" and not linear)))
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 def protocol_summary(protocol: str) -> str:

@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax import BertConfig, Params, encode
+from bert_jax.config import is_traced
 from train.tasks import TASKS, get_task
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
     pooling: str = "cls"  # "cls" (BERT pooler, the report) | "mean"
-    para_head: str = "pair"  # "pair" | "cosine" | "cross"
+    para_head: str = "pair"  # "pair" | "cosine" | "cosine_mse" | "cross"
     sts_head: str = "pair"  # "pair" | "cosine" | "cosine_relu" | "cross"
     heads: tuple[str, ...] = ("sst", "para", "sts")  # which heads the model carries (every model is evaluable on all three)
 
@@ -62,7 +63,7 @@ def init_heads(hc: HeadConfig, hidden: int, rng: jax.Array) -> Params:
             params[task] = _dense_init(key, hidden, spec.num_classes if spec.kind == "classes" else 1)
         elif kind == "cosine" and spec.kind == "binary":  # a logit: learned scale and bias of the cosine
             params[task] = {"scale": jnp.array(5.0, jnp.float32), "bias": jnp.array(0.0, jnp.float32)}
-        elif kind in ("cosine", "cosine_relu"):  # regression: the cosine mapped onto the label range
+        elif kind in ("cosine", "cosine_relu", "cosine_mse"):  # no parameters
             params[task] = {}
         elif kind == "cross":
             params[task] = _dense_init(key, hidden, 1)
@@ -82,7 +83,7 @@ def pool(out, attention_mask: jax.Array, pooling: str) -> jax.Array:
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    if rng is None or rate == 0.0:
+    if rng is None or (not is_traced(rate) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
@@ -124,6 +125,8 @@ def task_scores(
     emb = pool(encode(params["bert"], bert_config, ids, mask, dropout_rng=enc_rng), mask, hc.pooling)
     u, v = jnp.split(emb, 2, axis=0)
     lo, hi = get_task(task).label_range
+    if kind == "cosine_mse":  # the report's cosine + MSE paraphrase head: cos - 1/2, positive when cos > 1/2
+        return _cosine(u, v) - 0.5
     if kind == "cosine_relu":  # hi * max(cos, 0): for sts 5 * relu(cos)
         return hi * jax.nn.relu(_cosine(u, v))
     if kind == "cosine":  # binary: a logit; regression: lo + (hi - lo) * (1 + cos) / 2, for sts 2.5 * (1 + cos)

@@ -28,8 +28,8 @@ def mean_squared_error(pred: jax.Array, target: jax.Array, valid: jax.Array) -> 
     return _masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), valid)
 
 
-def task_loss(task: str, scores: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """`task`'s loss (by its kind in the task registry) of a padded batch's scores."""
+def task_loss(task: str, scores: jax.Array, batch: dict[str, jax.Array], head: str | None = None) -> jax.Array:
+    """`task`'s loss (by its kind in the task registry, or by its `head` kind's own loss) of a padded batch's scores."""
     from train.tasks import get_task  # train.tasks builds its losses from this module
 
-    return get_task(task).loss(scores, batch["labels"], batch["valid"])
+    return get_task(task).loss(scores, batch["labels"], batch["valid"], head)

@@ -52,9 +52,10 @@ def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
     return ModelSpec(bert=bert.replace(**overrides), heads=cfg.heads)
 
 
-def init_model(cfg: TrainConfig, rng: jax.Array) -> tuple[ModelSpec, Params]:
-    """Pretrained encoder from `cfg.checkpoint` + freshly initialised heads."""
-    bert, bert_params = bert_jax.load_pretrained(cfg.checkpoint)
+def init_model(cfg: TrainConfig, rng: jax.Array, pretrained: tuple[BertConfig, Params] | None = None
+               ) -> tuple[ModelSpec, Params]:
+    """Pretrained encoder from `cfg.checkpoint` (or `pretrained`, already loaded) + freshly initialised heads."""
+    bert, bert_params = pretrained if pretrained is not None else bert_jax.load_pretrained(cfg.checkpoint)
     spec = model_spec(cfg, bert)
     return spec, {"bert": bert_params, "heads": init_heads(spec.heads, bert.hidden_size, rng)}
 
@@ -75,7 +76,7 @@ def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.Array | None) -> jax.Array:
-    return task_loss(task, task_scores(params, spec.bert, spec.heads, task, batch, rng), batch)
+    return task_loss(task, task_scores(params, spec.bert, spec.heads, task, batch, rng), batch, spec.heads.kind(task))
 
 
 def _task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -170,17 +171,41 @@ def make_train_step(
     are replicated. The math is the single-device step's on the global batch.
     """
 
-    method = combine_methods.get(combine)
     if impl == "split":
         if dp is not None:
             raise ValueError("step_impl='split' runs on one device; use step_impl=fused with --mesh")
         return make_split_train_step(spec, tx, tasks, combine, pcgrad_reduction, finetune)
     if impl != "fused":
         raise ValueError(f"step_impl must be 'fused' or 'split', got {impl!r}")
+    step = fused_step(spec, tx, tasks, combine, pcgrad_reduction, finetune, gather=None if dp is None else dp.gather)
+    if dp is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return _sharded_step(step, dp)
+
+
+def fused_step(
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    tasks: tuple[str, ...],
+    combine: str = "sum",
+    pcgrad_reduction: str = "sum",
+    finetune: bool = True,
+    gather: Callable[[Params], Params] | None = None,
+    loss_weight: jax.Array | float | None = None,
+) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """The fused step as a plain (un-jitted) `step(state, batches, rng) -> (state, metrics)`: `make_train_step`
+    jits it, `train.population` vmaps it over a population's members.
+
+    `gather`: FSDP all-gather of the weights before compute. `loss_weight`: the weight of the summed task
+    losses of a linear method (default: the registered method's, 1 for sum, 1/tasks for mean); a population
+    passes each member's as an array.
+    """
+    method = combine_methods.get(combine)
+    weight = None if method.loss_weight is None else (method.loss_weight(len(tasks)) if loss_weight is None else loss_weight)
 
     def frozen(params: Params) -> Params:
-        if dp is not None:
-            params = dp.gather(params)  # FSDP: all-gather the weights for compute
+        if gather is not None:
+            params = gather(params)
         return params if finetune else {"bert": jax.lax.stop_gradient(params["bert"]), "heads": params["heads"]}
 
     def one_task(params, task, batch, rng):
@@ -188,11 +213,10 @@ def make_train_step(
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
         rng, keys = _task_keys(rng, state.step, tasks)
-        weight = method.loss_weight
         if weight is not None:  # a linear method: one gradient of the weighted loss sum
             def total(params):
                 losses = {t: one_task(params, t, batches[t], keys[t]) for t in tasks}
-                return weight(len(tasks)) * sum(losses.values()), losses
+                return weight * sum(losses.values()), losses
 
             (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
             # the loss was already combined: hand the update one "task" gradient to sum
@@ -203,9 +227,7 @@ def make_train_step(
             task_grads.append(g)
         return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, rng)
 
-    if dp is None:
-        return jax.jit(step, donate_argnums=(0,))
-    return _sharded_step(step, dp)
+    return step
 
 
 def _sharded_step(step: Callable, dp: DataParallel) -> Callable:

@@ -32,6 +32,11 @@ PAIR_HEADS: dict[str, tuple[TaskKind, ...]] = {
     "cross": ("binary", "regression"),  # one [CLS] a [SEP] b [SEP] sequence, linear over its embedding
     "cosine": ("binary", "regression"),  # binary: scale*cos+bias (a logit); regression: cos mapped onto the label range
     "cosine_relu": ("regression",),  # hi * max(cos, 0)
+    "cosine_mse": ("binary",),  # the report's "Cosine + MSE": score cos - 1/2 (> 0: positive), loss MSE of cos vs 0/1
+}
+# Head kinds whose loss is not their task kind's: (scores, labels, valid) -> scalar
+HEAD_LOSSES: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
+    "cosine_mse": lambda scores, labels, valid: losses.mean_squared_error(scores + 0.5, labels, valid),
 }
 
 
@@ -77,8 +82,10 @@ class Task:
     def integral(self) -> bool:
         return self.kind != "regression"
 
-    def loss(self, scores: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
-        """Scalar mean loss over the valid rows."""
+    def loss(self, scores: jax.Array, labels: jax.Array, valid: jax.Array, head: str | None = None) -> jax.Array:
+        """Scalar mean loss over the valid rows (by the task's kind, or by the head kind's `HEAD_LOSSES` entry)."""
+        if head in HEAD_LOSSES:
+            return HEAD_LOSSES[head](scores, labels, valid)
         fn = {"classes": losses.cross_entropy, "binary": losses.binary_cross_entropy,
               "regression": losses.mean_squared_error}[self.kind]
         return fn(scores, labels, valid)
@@ -146,7 +153,7 @@ register_task(Task("sst", "ids-sst-{split}.csv", "sentiment", "classes", (0, 4),
 register_task(Task("cfimdb", "ids-cfimdb-{split}.csv", "sentiment", "classes", (0, 1), pair=False, num_classes=2,
                    evaluated=False, leaderboard_column="Predicted_Sentiment"))
 register_task(Task("para", "quora-{split}.csv", "is_duplicate", "binary", (0, 1), pair=True,
-                   heads=("pair", "cosine", "cross"), overall=_same, leaderboard_column="Predicted_Is_Paraphrase"))
+                   heads=("pair", "cosine", "cosine_mse", "cross"), overall=_same, leaderboard_column="Predicted_Is_Paraphrase"))
 register_task(Task("sts", "sts-{split}.csv", "similarity", "regression", (0.0, 5.0), pair=True,
                    heads=("pair", "cosine", "cosine_relu", "cross"), overall=_unit_interval,
                    leaderboard_column="Predicted_Similiary"))  # sic: the starter's spelling

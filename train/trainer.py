@@ -111,11 +111,6 @@ def _rewind_metrics(path: Path, step: int, write: bool = True) -> dict[str, Any]
     return kept[-1] if kept else {}
 
 
-@dataclasses.dataclass
-class TaskSets:
-    train: dict[str, D.Encoded]
-    dev: dict[str, D.Encoded]
-    skipped: str
 
 
 def load_encoded(data_dir: Path, tasks: tuple[str, ...], split: str, tokenizer, max_len: int,
@@ -172,7 +167,7 @@ def scored_tasks(heads: tuple[str, ...], extra: tuple[str, ...] = ()) -> tuple[s
 
 def schedule(cfg: TrainConfig, train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> D.Schedule:
     """`cfg`'s step schedule over the training subsets (see `train.data.Schedule`)."""
-    return D.Schedule(train_sets, subsets, cfg.batch_sizes, cfg.seed, cfg.epoch_policy, cfg.buckets, cfg.align_buckets,
+    return D.Schedule(train_sets, subsets, cfg.batch_sizes, cfg.order_seed, cfg.epoch_policy, cfg.buckets, cfg.align_buckets,
                       cfg.length_window)
 
 
@@ -187,6 +182,56 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng((seed, 7)).permutation(n)[:limit])
+
+
+@dataclasses.dataclass
+class RunData:
+    """A run's encoded data and step schedule (`load_run_data`)."""
+
+    train: dict[str, D.Encoded]
+    dev: dict[str, D.Encoded]
+    skipped: str  # the malformed rows skipped, summarized ("" if none)
+    sched: D.Schedule
+    fingerprint: dict[str, str]  # task -> sha256 of its training subset (checked on --resume)
+    total: int  # steps of the whole run
+
+    def check_vocab(self, cfg: TrainConfig, vocab_size: int) -> None:
+        ckpt_dir = bert_jax.resolve_checkpoint(cfg.checkpoint)
+        for encs in (self.train, self.dev):
+            check_token_ids(encs, vocab_size, ckpt_dir / "vocab.txt", ckpt_dir / "config.json")
+
+
+def load_run_data(cfg: TrainConfig, data_dir: Path) -> RunData:
+    """Load and tokenize `cfg`'s training and dev data; its training subsets and step schedule."""
+    tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
+    cross = cfg.heads.cross_tasks
+    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len, cross=cross)
+    eval_tasks = scored_tasks(cfg.heads.heads, extra=cfg.tasks)
+    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit, cross=cross)
+    subsets = {t: _subset(len(e), cfg.train_limit, cfg.order_seed) for t, e in train_sets.items()}
+    sched = schedule(cfg, train_sets, subsets)
+    per_epoch = sched.steps_per_epoch
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    return RunData(train_sets, dev_sets, D.summarize_skipped(raw_train + raw_dev), sched,
+                   {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}, total)
+
+
+def check_position(where: Path, position: dict[str, Any], sizes: dict[str, int], fingerprint: dict[str, str],
+                   steps_per_epoch: int) -> None:
+    """A checkpoint's data position must match the data and schedule of the run resuming it."""
+    if position.get("train_sizes", sizes) != sizes:
+        raise RunError(f"{where}: the training data changed since this checkpoint (examples per task "
+                       f"{position['train_sizes']} then, {sizes} now); resume with the same data")
+    then = position.get("train_fingerprint", fingerprint)
+    changed = sorted(t for t in fingerprint if then.get(t, fingerprint[t]) != fingerprint[t])
+    if changed:
+        raise RunError(f"{where}: the training data changed since this checkpoint (task(s) {', '.join(changed)}: "
+                       f"same number of examples, different content: sha256 {then[changed[0]][:12]}... then, "
+                       f"{fingerprint[changed[0]][:12]}... now); resume with the same data and tokenizer, "
+                       f"or train into a new --out")
+    if position.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise RunError(f"{where}: checkpoint has {position['steps_per_epoch']} steps per epoch, "
+                       f"the config gives {steps_per_epoch}; resume with the run's config")
 
 
 def train(
@@ -229,24 +274,12 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     if resume:
         _check_resume_config(run, cfg)
         check_tokenizer(run, tokenizer_files(cfg.checkpoint), cfg.checkpoint)
-    tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
-    cross = cfg.heads.cross_tasks
-    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len, cross=cross)
-    eval_tasks = scored_tasks(cfg.heads.heads, extra=cfg.tasks)
-    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit, cross=cross)
-    skipped = D.summarize_skipped(raw_train + raw_dev)
-
+    data = load_run_data(cfg, data_dir)
     base = jax.random.key(cfg.seed)
     spec, params = init_model(cfg, jax.random.fold_in(base, 0))
-    ckpt_dir = bert_jax.resolve_checkpoint(cfg.checkpoint)
-    for encs in (train_sets, dev_sets):
-        check_token_ids(encs, spec.bert.vocab_size, ckpt_dir / "vocab.txt", ckpt_dir / "config.json")
-    subsets = {t: _subset(len(e), cfg.train_limit, cfg.seed) for t, e in train_sets.items()}
-    sched = schedule(cfg, train_sets, subsets)
-    sizes = sched.sizes
-    fingerprint = {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}
-    steps_per_epoch = sched.steps_per_epoch
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    data.check_vocab(cfg, spec.bert.vocab_size)
+    dev_sets, sched, fingerprint, total = data.dev, data.sched, data.fingerprint, data.total
+    sizes, steps_per_epoch, skipped = sched.sizes, sched.steps_per_epoch, data.skipped
     tx = optimizer(cfg, total_steps=total)
     state = init_state(params, tx)
     if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
@@ -261,20 +294,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     if resume and ckpt.latest_step() is not None:
         try:
             state, position = ckpt.restore_state(state)
-            where = run / "checkpoints" / str(int(state.step))
-            if position.get("train_sizes", sizes) != sizes:
-                raise RunError(f"{where}: the training data changed since this checkpoint (examples per task "
-                               f"{position['train_sizes']} then, {sizes} now); resume with the same data")
-            then = position.get("train_fingerprint", fingerprint)
-            changed = sorted(t for t in fingerprint if then.get(t, fingerprint[t]) != fingerprint[t])
-            if changed:
-                raise RunError(f"{where}: the training data changed since this checkpoint (task(s) {', '.join(changed)}: "
-                               f"same number of examples, different content: sha256 {then[changed[0]][:12]}... then, "
-                               f"{fingerprint[changed[0]][:12]}... now); resume with the same data and tokenizer, "
-                               f"or train into a new --out")
-            if position.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-                raise RunError(f"{where}: checkpoint has {position['steps_per_epoch']} steps per epoch, "
-                               f"the config gives {steps_per_epoch}; resume with the run's config")
+            check_position(run / "checkpoints" / str(int(state.step)), position, sizes, fingerprint, steps_per_epoch)
         except BaseException:
             ckpt.close()
             raise

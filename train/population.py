@@ -1,0 +1,332 @@
+"""Populations: K runs of one architecture trained as one program, a `jax.vmap`ped step over stacked states.
+
+Members differ only in `MEMBER_FIELDS`: the learning rate, the hidden dropout rate, the seed and the loss
+combination, where it is linear (`sum` vs `mean` is a per-member weight of the summed losses; a non-linear
+method such as PCGrad is shared by every member). Everything else (tasks, heads, shapes, schedule, batch
+sizes, data) is one config. The per-member values are arrays `[K]` (`Hyper`), the training state is a
+`TrainState` whose every leaf has a leading member axis `[K, ...]`, and the step is
+`train.step.fused_step` vmapped over both: one compiled program per batch shape for the whole population.
+
+Data: every member sees the same batches, in the data order of `data_seed` (by default the first member's
+seed); a member's seed sets its head initialisation and its dropout masks. Each member's `config.yaml`
+records that `data_seed`, so `bert-jax train` with a member's config trains that member alone, to the same
+parameters (up to float32 summation order; tests/test_population.py checks ≤ 1e-5).
+
+Every member writes an ordinary run directory (config.yaml, checkpoints/, best/, metrics.jsonl), so
+`evaluate`, `predict`, `ensemble` and `soup` read members like any run. All members are checkpointed at
+the same steps (epoch ends, and on SIGINT / SIGTERM); `resume` restores the latest step they all have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+import bert_jax
+from bert_jax import BertConfig
+from bert_jax.tokenizer import tokenizer_files
+from train import combine as combine_methods
+from train import data as D
+from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
+from train.compilation import CompileEvents
+from train.config import TrainConfig
+from train.rundir import RunLock, check_out_dir, check_tokenizer
+from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
+from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position, evaluate,
+                           load_run_data)
+
+MEMBER_FIELDS = ("lr", "hidden_dropout", "seed", "combine")
+
+
+class Hyper(NamedTuple):
+    """Per-member hyper-parameters, each `[K]`."""
+
+    lr: jax.Array  # peak learning rate (the config's schedule, warm-up and head / layer multipliers apply)
+    hidden_dropout: jax.Array
+    loss_weight: jax.Array  # weight of the summed task losses (linear methods; 1 for sum, 1/tasks for mean)
+    key: jax.Array  # dropout key (the single run's `fold_in(key(seed), 1)`)
+
+
+def parse_axes(specs: Sequence[str]) -> list[dict[str, Any]]:
+    """`["lr=1e-5,2e-5", "seed=0,1"]` -> the members, the cartesian product of the axes (the last varies fastest)."""
+    axes: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--population {spec!r}: expected FIELD=V1,V2,... (fields: {', '.join(MEMBER_FIELDS)})")
+        if key not in MEMBER_FIELDS:
+            raise ValueError(f"--population {spec!r}: {key!r} cannot vary within a population; it can vary: "
+                             f"{', '.join(MEMBER_FIELDS)}")
+        if key in axes:
+            raise ValueError(f"--population: {key!r} is given twice")
+        axes[key] = [_value(key, v) for v in values.split(",")]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _value(key: str, text: str) -> Any:
+    if key in ("lr", "hidden_dropout"):  # floats (YAML 1.1 would read `1e-5` as a string)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--population {key}: {text!r} is not a number") from None
+    if key == "seed":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--population seed: {text!r} is not an integer") from None
+    return yaml.safe_load(text)
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+    """A run directory name for a member: `lr4e-05-seed1`."""
+    return "-".join(f"{k}{v}" for k, v in overrides.items()) or "member"
+
+
+def member_configs(base: TrainConfig, members: Sequence[dict[str, Any]]) -> list[TrainConfig]:
+    """One config per member: `base` with the member's values, all with the same `data_seed`."""
+    if not members:
+        raise ValueError("a population needs at least one member")
+    first = TrainConfig.from_dict(base.to_dict() | dict(members[0]))
+    data_seed = base.data_seed if base.data_seed is not None else first.seed
+    cfgs = [TrainConfig.from_dict(base.to_dict() | dict(m) | {"data_seed": data_seed}) for m in members]
+    check_population(cfgs)
+    return cfgs
+
+
+def check_population(cfgs: Sequence[TrainConfig]) -> None:
+    """Members may differ in `MEMBER_FIELDS` only, and in the combination method only between linear ones."""
+    ref = cfgs[0].to_dict()
+    for i, c in enumerate(cfgs[1:], 1):
+        d = c.to_dict()
+        diff = [k for k in ref if k not in MEMBER_FIELDS and ref[k] != d[k]]
+        if diff:
+            raise ValueError(f"population member {i} differs from member 0 in {diff[0]!r} ({d[diff[0]]!r} vs "
+                             f"{ref[diff[0]]!r}); members may differ only in {', '.join(MEMBER_FIELDS)}")
+    methods = sorted({c.combine for c in cfgs})
+    nonlinear = [m for m in methods if combine_methods.get(m).loss_weight is None]
+    if len(methods) > 1 and nonlinear:
+        raise ValueError(f"population members combine losses by {methods}: a non-linear method ({nonlinear[0]}) "
+                         f"must be shared by every member; only linear ones (a loss weight) may differ")
+    for c in cfgs:
+        if not 0 <= c.hidden_dropout < 1:
+            raise ValueError(f"hidden_dropout must be in [0, 1), got {c.hidden_dropout}")
+
+
+def hyper(cfgs: Sequence[TrainConfig]) -> Hyper:
+    def weight(c: TrainConfig) -> float:
+        w = combine_methods.get(c.combine).loss_weight
+        return 1.0 if w is None else float(w(len(c.tasks)))
+
+    return Hyper(lr=jnp.asarray([c.lr for c in cfgs], jnp.float32),
+                 hidden_dropout=jnp.asarray([c.hidden_dropout for c in cfgs], jnp.float32),
+                 loss_weight=jnp.asarray([weight(c) for c in cfgs], jnp.float32),
+                 key=jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in cfgs]))
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """K pytrees of one structure -> one pytree with a leading member axis `[K, ...]`."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def member(tree: Any, k: int) -> Any:
+    """Member `k` of a stacked pytree."""
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int
+                         ) -> Callable[[TrainState, dict[str, D.Batch], Hyper], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted `step(states [K, ...], batches, hyper [K]) -> (states, metrics [K])`; `states` is donated.
+
+    Member k runs `fused_step` with `cfg`'s static settings and its own learning rate, dropout rate, loss
+    weight and dropout key (traced values: the model and optimizer accept arrays for them)."""
+
+    def one(state: TrainState, batches: dict[str, D.Batch], h: Hyper):
+        mcfg = dataclasses.replace(cfg, lr=h.lr, hidden_dropout=h.hidden_dropout)
+        step = fused_step(model_spec(mcfg, bert), optimizer(mcfg, total_steps), cfg.tasks, cfg.combine,
+                          cfg.pcgrad_reduction, cfg.finetune, loss_weight=h.loss_weight)
+        return step(state, batches, h.key)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, 0)), donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class _Member:
+    """One member's run directory: its checkpointer, best dev overall and metrics file."""
+
+    cfg: TrainConfig
+    run: Path
+    ckpt: Checkpointer
+    best: float = -math.inf
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def record(self, step: int, epoch: int, params, metrics: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+        is_best = metrics.get("overall", -math.inf) > self.best
+        if is_best:
+            self.best = metrics["overall"]
+            self.ckpt.save_best(step, params, metrics)
+        self.metrics = metrics
+        rec = {"step": step, "epoch": epoch, **metrics, "best": is_best, **extra}
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], data_dir: str | Path | None,
+                     resume: bool = False, log: Callable[[dict[str, Any]], None] = lambda e: None,
+                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 20) -> list[dict[str, Any]]:
+    """Train the members `cfgs` (see `member_configs`) into the run directories `runs`, as one vmapped program.
+
+    Log events are `train.trainer.train`'s; step events carry per-member lists (`loss_members`, `loss_<task>`,
+    `grad_norm`) and `loss`, their mean; eval events name their `member`.
+    Returns one result per member (last dev metrics, `best_overall`, `best_checkpoint`, `step`, `stopped`,
+    and the population's `wall_s` / `compile_s`)."""
+    check_population(cfgs)
+    runs = [Path(r) for r in runs]
+    if len(runs) != len(cfgs) or len(set(runs)) != len(runs):
+        raise ValueError("one distinct run directory per population member is needed")
+    with contextlib.ExitStack() as locks:
+        for run in runs:
+            locks.enter_context(RunLock(run, note=lambda msg: log({"event": "note", "message": msg})))
+            check_out_dir(run, resume, overwrite=False)
+        return _train(list(cfgs), runs, data_dir, resume, log, should_stop, log_every)
+
+
+def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, log, should_stop, log_every: int):
+    t_start = time.perf_counter()
+    cfg = cfgs[0]
+    data_dir = D.resolve_data_dir(data_dir)
+    for c, run in zip(cfgs, runs):
+        if not resume and (has_steps(run / "checkpoints") or has_steps(run / "best")):
+            raise RunError(f"{run}: run directory already has checkpoints (use --resume, or a new --out)")
+        if resume:
+            _check_resume_config(run, c)
+            check_tokenizer(run, tokenizer_files(c.checkpoint), c.checkpoint)
+    data = load_run_data(cfg, data_dir)
+    pretrained = bert_jax.load_pretrained(cfg.checkpoint)
+    inits = [init_model(c, jax.random.fold_in(jax.random.key(c.seed), 0), pretrained) for c in cfgs]
+    spec = inits[0][0]  # members' specs differ only in the dropout rate, unused by the (deterministic) evaluation
+    data.check_vocab(cfg, spec.bert.vocab_size)
+    sched, total = data.sched, data.total
+    per_epoch = sched.steps_per_epoch
+    states = [init_state(p, optimizer(c, total)) for c, (_, p) in zip(cfgs, inits)]
+    for run in runs:
+        run.mkdir(parents=True, exist_ok=True)
+    members = [_Member(c, run, Checkpointer(run, keep=c.keep_checkpoints)) for c, run in zip(cfgs, runs)]
+    try:
+        return _loop(cfgs, members, states, data, spec, total, per_epoch, resume, log, should_stop, log_every, t_start)
+    finally:
+        for m in members:
+            m.ckpt.close()
+
+
+def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoch: int, resume: bool, log, should_stop,
+          log_every: int, t_start: float) -> list[dict[str, Any]]:
+    if resume and all(m.ckpt.latest_step() is not None for m in members):
+        common = min(m.ckpt.latest_step() for m in members)
+        for k, m in enumerate(members):
+            if common not in m.ckpt.latest.all_steps():
+                raise RunError(f"{m.run}: no checkpoint at step {common}, the latest step every member has; "
+                               f"train the population into a new --out")
+            states[k], position = m.ckpt.restore_state(states[k], step=common)
+            check_position(m.run / "checkpoints" / str(common), position, data.sched.sizes, data.fingerprint, per_epoch)
+            m.best = position["best_overall"]
+    start = int(states[0].step)
+    vocab = bert_jax.resolve_checkpoint(cfgs[0].checkpoint) / "vocab.txt"
+    pending_eval = False
+    for m in members:
+        write_run_files(m.run, m.cfg, spec, vocab)
+        last = _rewind_metrics(m.run / "metrics.jsonl", start)
+        if last.get("step") == start and last.get("best") and isinstance(last.get("overall"), float):
+            m.best = max(m.best, last["overall"])
+        pending_eval |= start > 0 and last.get("step") != start and (start % per_epoch == 0 or start >= total)
+    state = stack(states)
+    del states
+    step_fn = make_population_step(cfgs[0], spec.bert, total)
+    eval_fn = make_eval_fn(spec)
+    hp = hyper(cfgs)
+    log({"event": "start", "total_steps": total, "steps_per_epoch": per_epoch, "start_step": start,
+         "skipped": data.skipped, "train_sizes": data.sched.sizes, "members": [m.run.name for m in members]})
+    compiles = CompileEvents()
+    compiles.__enter__()
+    pending: list[tuple[int, dict]] = []
+    t_last, n_last, step, stopped = time.perf_counter(), start, start, False
+
+    def flush() -> None:
+        nonlocal t_last, n_last
+        if not pending:
+            return
+        host = [(s, {k: [float(x) for x in v] for k, v in m.items()}) for s, m in pending]
+        pending.clear()
+        for s, m in host:
+            if not all(math.isfinite(x) for k, v in m.items() if k.startswith("loss") or k == "grad_norm" for x in v):
+                bad = [members[i].run.name for i in range(len(members)) if not math.isfinite(m["loss"][i])]
+                raise NonFiniteLoss(f"non-finite loss at step {s} (members {', '.join(bad) or '?'}); the last good "
+                                    f"checkpoints are kept")
+        now = time.perf_counter()
+        s, m = host[-1]
+        log({"event": "step", "step": s, "epoch": s // per_epoch, **m, "loss": sum(m["loss"]) / len(m["loss"]),
+             "loss_members": m["loss"], "steps_per_s": (s - n_last) / max(now - t_last, 1e-9)})
+        t_last, n_last = now, s
+
+    def save() -> None:
+        if not bool(_all_finite(state)):
+            raise NonFiniteLoss(f"non-finite training state at step {step}, not saved; the last good checkpoints are kept")
+        for k, m in enumerate(members):
+            m.ckpt.save_state(member(state, k), {"epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+                                                 "best_overall": m.best, "steps_per_epoch": per_epoch,
+                                                 "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
+
+    def evaluate_all(epoch: int) -> None:
+        c = compiles.summary()
+        extra = {"wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
+                 "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+        for k, m in enumerate(members):
+            params = member(state.params, k)
+            metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.eval_batch_size, m.cfg.buckets)
+            log({"event": "eval", "member": m.run.name, **m.record(step, epoch, params, metrics, extra)})
+
+    try:
+        if pending_eval:
+            evaluate_all((start - 1) // per_epoch)
+        epoch, offset = divmod(start, per_epoch)
+        while step < total and not stopped:
+            for batches in data.sched.epoch_batches(epoch, offset):
+                if step >= total:
+                    break
+                if should_stop():
+                    stopped = True
+                    break
+                state, metrics = step_fn(state, batches, hp)
+                step += 1
+                pending.append((step, metrics))
+                if step % log_every == 0:
+                    flush()
+            flush()
+            save()  # before the evaluation, as for a single run
+            if not stopped and (step % per_epoch == 0 or step >= total):
+                evaluate_all(epoch)
+            epoch, offset = epoch + 1, 0
+    finally:
+        compiles.__exit__()
+    if stopped:
+        log({"event": "stopped", "reason": "signal", "step": step})
+    c = compiles.summary()
+    wall = round(time.perf_counter() - t_start, 1)
+    out = []
+    for m in members:
+        best_step = m.ckpt.best_step()
+        out.append({"member": m.run.name, **m.metrics, "best_overall": m.best, "step": step, "stopped": stopped,
+                    "best_checkpoint": str(m.run / "best" / str(best_step)) if best_step is not None else None,
+                    "wall_s": wall, "compile_s": c["total_s"], "xla_compiles": c["xla_compiles"],
+                    "compile_cache_hits": c["cache_hits"]})
+    return out
