@@ -71,7 +71,9 @@ class Dropout(nn.Dropout):
             rng = self.make_rng(self.rng_collection)
         keep_prob = 1.0 - self.rate
         keep = keep_mask(rng, keep_prob, inputs.shape)
-        return jax.lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
+        # a traced rate: multiply by the reciprocal (a division by a runtime scalar costs ~10% of a CPU train step)
+        kept = inputs * (1.0 / keep_prob) if traced else inputs / keep_prob
+        return jax.lax.select(keep, kept, jnp.zeros_like(inputs))
 
 
 class BertEmbeddings(nn.Module):

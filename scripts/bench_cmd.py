@@ -449,17 +449,17 @@ def bench_split(args: argparse.Namespace) -> dict[str, Any]:
 class PopulationArm:
     """K members (`cfgs`, see train.population) as one vmapped step; `__call__(batches)` runs it and blocks."""
 
-    def __init__(self, cfgs) -> None:
+    def __init__(self, cfgs, impl: str | None = None) -> None:
         import jax
 
         import bert_jax
-        from train.population import hyper, make_population_step, stack
+        from train.population import hyper, init_population, make_population_step
         from train.step import init_model, init_state, optimizer
 
         pretrained = bert_jax.load_pretrained(cfgs[0].checkpoint)
         inits = [init_model(c, jax.random.fold_in(jax.random.key(c.seed), 0), pretrained) for c in cfgs]
-        self.state = stack([init_state(p, optimizer(c, total_steps=1000)) for c, (_, p) in zip(cfgs, inits)])
-        self.fn = make_population_step(cfgs[0], inits[0][0].bert, 1000)
+        self.state = init_population([init_state(p, optimizer(c, total_steps=1000)) for c, (_, p) in zip(cfgs, inits)], impl)
+        self.fn = make_population_step(cfgs[0], inits[0][0].bert, 1000, impl)
         self.hyper = hyper(cfgs)
         self.events = CompileEvents()
 
@@ -476,17 +476,22 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
 
     base = _cfg(args)
     cfgs = member_configs(base, [{"lr": base.lr * (1 + k) / args.k * 2, "seed": k} for k in range(args.k)])
-    a = PopulationArm(cfgs)
+    from train.population import default_impl
+
+    impl = args.population_impl or default_impl()
+    a = PopulationArm(cfgs, impl)
     bs = [JaxArm(c, c.seed) for c in cfgs]
     batches = synthetic_batches(bs[0].spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=base.heads.cross_tasks)
-    with a.events:
+    events = CompileEvents()  # one process-wide listener: reset before each arm
+    with events:
         first_a = seconds(a, batches)
-    firsts_b = []
-    for arm in bs:  # every separate run compiles its own step (as `train` does, without a compile cache)
-        with arm.events:
+    compile_a = events.summary()["total_s"]
+    firsts_b, compile_b = [], 0.0
+    for arm in bs:  # every separate run compiles its own step (its learning rate is a constant of the program)
+        events.reset()
+        with events:
             firsts_b.append(seconds(arm, batches))
-    compile_a = a.events.summary()["total_s"]
-    compile_b = sum(arm.events.summary()["total_s"] for arm in bs)
+        compile_b += events.summary()["total_s"]
     run_b = lambda: [arm(batches) for arm in bs]
     for _ in range(args.warmup):
         a(batches)
@@ -495,10 +500,12 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
     t = interleave(lambda: a(batches), run_b, args.reps)
     med_a, med_b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
     steps = 600  # the study's run length
-    return result("population", f"{args.k}-member population step (one vmapped program)",
+    how = {"vmap": "vmap, all members side by side", "loop": "one member program, called per member"}[impl]
+    return result("population", f"{args.k}-member population step (one program: {how})",
                   f"{args.k} single-run steps, one after another", t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, k=args.k, tasks=list(base.tasks),
-                  members=[{"lr": c.lr, "seed": c.seed} for c in cfgs], compile_s=compile_a, compile_b_s=compile_b,
+                  members=[{"lr": c.lr, "seed": c.seed} for c in cfgs], population_impl=impl,
+                  compile_s=compile_a, compile_b_s=compile_b,
                   a_first_call_s=first_a, b_first_calls_s=firsts_b,
                   run_600_steps_s={"a": compile_a + steps * med_a, "b": compile_b + steps * med_b,
                                    "a_over_b": (compile_a + steps * med_a) / (compile_b + steps * med_b),
@@ -571,6 +578,9 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="epoch: first N training examples per task (default: all)")
     p.add_argument("--k", type=int, default=4, help="ensemble / population members")
     p.add_argument("--n-examples", type=int, default=256, help="ensemble: dev examples per task")
+    p.add_argument("--population-impl", choices=["vmap", "loop"], default=None,
+                   help="population: vmap = all members side by side in one vmapped program; loop = one compiled member "
+                        "program called per member (default: loop on CPU, vmap else)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults (see tune_host_malloc)")
     p.add_argument("--print-json", action="store_true", help="print the JSON result instead of the summary line")

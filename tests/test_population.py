@@ -34,10 +34,11 @@ def _evals(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("combine, interrupt", [("sum", True), ("pcgrad", False)])
-def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp_path, combine, interrupt):
+@pytest.mark.parametrize("combine, interrupt, impl", [("sum", True, "loop"), ("pcgrad", False, "vmap")])
+def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp_path, combine, interrupt, impl):
     """6 steps (2 epochs, dev after each); the summed-loss population is stopped after step 2 (SIGTERM's path) and
-    resumed. Every member's params and dev metrics equal a separate `train` of its config (<= 1e-5)."""
+    resumed. Every member's params and dev metrics equal a separate `train` of its config (<= 1e-5), with the
+    members' step looped (the CPU default) and vmapped (the accelerator default)."""
     from train.population import train_population
 
     cfgs = member_configs(_base(tiny_vocab_bert_dir, combine), MEMBERS[combine])
@@ -50,9 +51,9 @@ def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp
         return interrupt and polls["n"] > 2
 
     if interrupt:
-        first = train_population(cfgs, runs, tiny_data_dir, should_stop=stop_after_two)
+        first = train_population(cfgs, runs, tiny_data_dir, should_stop=stop_after_two, impl=impl)
         assert all(r["stopped"] and r["step"] == 2 for r in first)
-    results = train_population(cfgs, runs, tiny_data_dir, resume=interrupt)
+    results = train_population(cfgs, runs, tiny_data_dir, resume=interrupt, impl=impl)
     assert all(not r["stopped"] and r["step"] == 6 for r in results)
     for k, cfg in enumerate(cfgs):
         single = tmp_path / f"single{k}"

@@ -86,7 +86,7 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None or (not is_traced(rate) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+    return jnp.where(keep, x * (1.0 / (1.0 - rate)) if is_traced(rate) else x / (1.0 - rate), 0.0)
 
 
 def _cosine(u: jax.Array, v: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,20 +143,60 @@ def member(tree: Any, k: int) -> Any:
     return jax.tree.map(lambda x: x[k], tree)
 
 
-def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int
-                         ) -> Callable[[TrainState, dict[str, D.Batch], Hyper], tuple[TrainState, dict[str, jax.Array]]]:
-    """A jitted `step(states [K, ...], batches, hyper [K]) -> (states, metrics [K])`; `states` is donated.
+Impl = Literal["vmap", "loop"]
+IMPLS: tuple[str, ...] = ("vmap", "loop")
+
+
+def default_impl() -> Impl:
+    """"vmap" (all members side by side in one vmapped program) on an accelerator; "loop" (one compiled member
+    program, called once per member) on a CPU, where XLA's batched matmuls of the vmapped step cost 1.28x the K
+    plain steps (`bert-jax bench --what population`, README "Populations")."""
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+def init_population(states: Sequence[TrainState], impl: Impl) -> Any:
+    """The population state a step of `impl` takes: the member states stacked (`[K, ...]` leaves, "vmap"), or a
+    list of them ("loop")."""
+    if impl == "loop":  # own buffers: members share the loaded encoder arrays, and each member's step donates its own
+        return [jax.tree.map(jnp.copy, s) for s in states]
+    return stack(states)
+
+
+def member_state(population: Any, k: int) -> Any:
+    """Member `k` of a population state (stacked or a list)."""
+    return population[k] if isinstance(population, list) else member(population, k)
+
+
+def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int, impl: Impl | None = None
+                         ) -> Callable[[Any, dict[str, D.Batch], Hyper], tuple[Any, dict[str, jax.Array]]]:
+    """`step(population, batches, hyper [K]) -> (population, metrics [K])`; the population state
+    (`init_population`) is donated.
 
     Member k runs `fused_step` with `cfg`'s static settings and its own learning rate, dropout rate, loss
-    weight and dropout key (traced values: the model and optimizer accept arrays for them)."""
+    weight and dropout key, all traced arguments (the model and optimizer accept arrays for them), so one
+    compiled program serves every member. `impl` (default `default_impl()`): "vmap" = one jitted `jax.vmap` over
+    the stacked member axis; "loop" = the jitted member step called once per member.
+    """
+    impl = default_impl() if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"population impl must be one of {IMPLS}, got {impl!r}")
 
-    def one(state: TrainState, batches: dict[str, D.Batch], h: Hyper):
+    def one(state: TrainState, h: Hyper, batches: dict[str, D.Batch]):
         mcfg = dataclasses.replace(cfg, lr=h.lr, hidden_dropout=h.hidden_dropout)
         step = fused_step(model_spec(mcfg, bert), optimizer(mcfg, total_steps), cfg.tasks, cfg.combine,
                           cfg.pcgrad_reduction, cfg.finetune, loss_weight=h.loss_weight)
         return step(state, batches, h.key)
 
-    return jax.jit(jax.vmap(one, in_axes=(0, None, 0)), donate_argnums=(0,))
+    if impl == "vmap":
+        return jax.jit(lambda states, batches, hyper: jax.vmap(one, in_axes=(0, 0, None))(states, hyper, batches),
+                       donate_argnums=(0,))
+    single = jax.jit(one, donate_argnums=(0,))
+
+    def loop(states: list[TrainState], batches: dict[str, D.Batch], hyper: Hyper):
+        outs = [single(s, member(hyper, k), batches) for k, s in enumerate(states)]
+        return [o[0] for o in outs], stack([o[1] for o in outs])
+
+    return loop
 
 
 @dataclasses.dataclass
@@ -183,13 +223,14 @@ class _Member:
 
 def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], data_dir: str | Path | None,
                      resume: bool = False, log: Callable[[dict[str, Any]], None] = lambda e: None,
-                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 20) -> list[dict[str, Any]]:
+                     should_stop: Callable[[], bool] = lambda: False, log_every: int = 20,
+                     impl: Impl | None = None) -> list[dict[str, Any]]:
     """Train the members `cfgs` (see `member_configs`) into the run directories `runs`, as one vmapped program.
 
     Log events are `train.trainer.train`'s; step events carry per-member lists (`loss_members`, `loss_<task>`,
     `grad_norm`) and `loss`, their mean; eval events name their `member`.
     Returns one result per member (last dev metrics, `best_overall`, `best_checkpoint`, `step`, `stopped`,
-    and the population's `wall_s` / `compile_s`)."""
+    and the population's `wall_s` / `compile_s`). `impl`: see `make_population_step`."""
     check_population(cfgs)
     runs = [Path(r) for r in runs]
     if len(runs) != len(cfgs) or len(set(runs)) != len(runs):
@@ -198,10 +239,11 @@ def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], da
         for run in runs:
             locks.enter_context(RunLock(run, note=lambda msg: log({"event": "note", "message": msg})))
             check_out_dir(run, resume, overwrite=False)
-        return _train(list(cfgs), runs, data_dir, resume, log, should_stop, log_every)
+        return _train(list(cfgs), runs, data_dir, resume, log, should_stop, log_every, impl)
 
 
-def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, log, should_stop, log_every: int):
+def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, log, should_stop, log_every: int,
+           impl: Impl | None):
     t_start = time.perf_counter()
     cfg = cfgs[0]
     data_dir = D.resolve_data_dir(data_dir)
@@ -223,14 +265,14 @@ def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, lo
         run.mkdir(parents=True, exist_ok=True)
     members = [_Member(c, run, Checkpointer(run, keep=c.keep_checkpoints)) for c, run in zip(cfgs, runs)]
     try:
-        return _loop(cfgs, members, states, data, spec, total, per_epoch, resume, log, should_stop, log_every, t_start)
+        return _loop(cfgs, members, states, data, spec, total, per_epoch, resume, log, should_stop, log_every, t_start, impl)
     finally:
         for m in members:
             m.ckpt.close()
 
 
 def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoch: int, resume: bool, log, should_stop,
-          log_every: int, t_start: float) -> list[dict[str, Any]]:
+          log_every: int, t_start: float, impl: Impl | None) -> list[dict[str, Any]]:
     if resume and all(m.ckpt.latest_step() is not None for m in members):
         common = min(m.ckpt.latest_step() for m in members)
         for k, m in enumerate(members):
@@ -249,9 +291,10 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         if last.get("step") == start and last.get("best") and isinstance(last.get("overall"), float):
             m.best = max(m.best, last["overall"])
         pending_eval |= start > 0 and last.get("step") != start and (start % per_epoch == 0 or start >= total)
-    state = stack(states)
+    impl = default_impl() if impl is None else impl
+    state = init_population(states, impl)
     del states
-    step_fn = make_population_step(cfgs[0], spec.bert, total)
+    step_fn = make_population_step(cfgs[0], spec.bert, total, impl)
     eval_fn = make_eval_fn(spec)
     hp = hyper(cfgs)
     log({"event": "start", "total_steps": total, "steps_per_epoch": per_epoch, "start_step": start,
@@ -282,7 +325,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         if not bool(_all_finite(state)):
             raise NonFiniteLoss(f"non-finite training state at step {step}, not saved; the last good checkpoints are kept")
         for k, m in enumerate(members):
-            m.ckpt.save_state(member(state, k), {"epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+            m.ckpt.save_state(member_state(state, k), {"epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
                                                  "best_overall": m.best, "steps_per_epoch": per_epoch,
                                                  "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
 
@@ -291,7 +334,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
                  "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
         for k, m in enumerate(members):
-            params = member(state.params, k)
+            params = member_state(state, k).params
             metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.eval_batch_size, m.cfg.buckets)
             log({"event": "eval", "member": m.run.name, **m.record(step, epoch, params, metrics, extra)})
 
