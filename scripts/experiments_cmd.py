@@ -78,6 +78,10 @@ def run_group(results: Path, protocol: str, exps: list, data_dir, seed: int, che
             per = e["loss_members"] if "loss_members" in e else [e["loss"]]
             for k, v in enumerate(per):
                 losses[k].append((e["step"], v))
+            if e["step"] % 100 == 0:
+                log(f"  step {e['step']}: loss {e['loss']:.3f}, {e['steps_per_s']:.2f} steps/s")
+        elif e["event"] == "eval":
+            log(f"  dev @ {e['step']}{' ' + e['member'] if 'member' in e else ''}: overall {e.get('overall', float('nan')):.4f}")
 
     if len(todo) == 1:
         log(f"[{verb}] {todo[0].name}: {todo[0].label}")
