@@ -9,7 +9,9 @@ transformers, and no pretrained weights (random-init BERTs are written to a temp
    device, interleaved in one run: fp32 vs fp32, bf16 vs bf16 autocast, and JAX bf16 + cuDNN attention vs
    PyTorch bf16 + SDPA;
 3. the MFU of the bf16 JAX step: model FLOPs (6 x non-embedding params x tokens + attention) per second over
-   the GPU's dense bf16 peak (from its device kind, or `--peak-tflops`).
+   the GPU's dense bf16 peak (from its device kind, or `--peak-tflops`);
+4. the population step (train/population.py): K = 4 members (different lr and seed) at bert-base shapes, batch 8
+   per task, fp32, vmapped (`impl="vmap"`) vs the 4 single-run steps one after another, interleaved.
 
 `--dry` runs the same code on tiny shapes on whatever device JAX has (the CPU in the test suite), in seconds.
 """
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bert_jax.parity import compare
-    from scripts.bench_cmd import JaxArm, TorchArm, interleave, machine, stats, synthetic_batches
+    from scripts.bench_cmd import JaxArm, PopulationArm, TorchArm, interleave, machine, stats, synthetic_batches
+    from train.population import member_configs
     from train.config import TrainConfig
     from train.heads import HeadConfig
 
@@ -116,11 +119,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"train step {name}: JAX {row['jax_s'] * 1e3:.1f} ms vs PyTorch {row['torch_s'] * 1e3:.1f} ms "
                 f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
             jx = tr = None  # free the arms before the next dtype
+        k, pb = 4, (2 if args.dry else 8)
+        base = TrainConfig(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq, buckets=(seq,),
+                           hidden_dropout=0.1, lr=1e-5)
+        cfgs = member_configs(base, [{"lr": 1e-5 * (i + 1), "seed": i} for i in range(k)])
+        pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
+        batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, seq, 0, cross=heads.cross_tasks)
+        with pop.events:
+            pop(batches)
+        pop_compile = pop.events.summary()["total_s"]
+        for arm in singles:
+            arm(batches)
+        pop(batches)
+        t = interleave(lambda: pop(batches), lambda: [arm(batches) for arm in singles], reps)
+        a, b = stats(t.wall["a"]), stats(t.wall["b"])
+        out["population_step"] = {"k": k, "batch": pb, "seq": seq, "population_s": a["median_s"],
+                                  "singles_s": b["median_s"], "population_over_singles": a["median_s"] / b["median_s"],
+                                  "population_compile_s": pop_compile, "impl": "vmap", "dtype": "float32"}
+        log(f"population step (k={k}, vmap): {a['median_s'] * 1e3:.1f} ms vs {k} single steps {b['median_s'] * 1e3:.1f} ms "
+            f"-> {a['median_s'] / b['median_s']:.2f}")
+        pop = singles = None
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
     best_bf16 = min((out[k]["jax_s"], k) for k in out if k.startswith("step_bf16"))
     out["mfu_bf16"] = None if peak is None else flops / best_bf16[0] / (peak * 1e12)
     out["mfu_arm"], out["peak_bf16_tflops"] = best_bf16[1], peak
-    out["population_step"] = "not measured: population training does not exist yet"
     out["wall_s"] = time.perf_counter() - t_start
     shown = "n/a (unknown peak; pass --peak-tflops)" if out["mfu_bf16"] is None else f"{out['mfu_bf16']:.1%}"
     log(f"bf16 JAX MFU ({best_bf16[1]}): {shown}; total {out['wall_s']:.0f} s")
