@@ -249,7 +249,9 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
         "so paraphrase numbers are not comparable to the report's Quora dev set); seed {seed}; protocol `{protocol}` "
         "(see `train/experiments.py`).".format(**study),
         f"- training: {protocol_summary(study['protocol'])}.",
-        f"- hardware: {study['hardware']}; wall time {study['wall_s'] / 60:.1f} min.",
+        f"- hardware: {study['hardware']}; wall time of this study's invocations {study['wall_s'] / 60:.1f} min; "
+        f"training programs {study.get('train_wall_s', 0) / 60:.1f} min (the sum over populations and single runs, "
+        "from their done.json).",
         "- cells: **ours / report (ours − report)**; dev sets"
         + (f" limited to the first {study['dev_limit']} examples per task" if study.get("dev_limit") else "") + ".",
         "",
@@ -385,7 +387,9 @@ def _experiments(args: argparse.Namespace) -> int:
              "seed": args.seed, "hardware": hardware(), "dev_limit": base.get("dev_limit"),
              # wall time summed over invocations, so a resumed study reports its total
              "wall_s": prev.get("wall_s", 0.0) * bool(prev) + time.perf_counter() - t0,
-             "runs": runs, "ensembles": ensembles, "torch_sum": torch_sum}
+             "runs": runs, "ensembles": ensembles, "torch_sum": torch_sum,
+             # a population's members share one wall time: count each program once
+             "train_wall_s": sum({r["wall_s"] for r in runs.values() if r.get("wall_s")})}
     (results / "study.json").write_text(json.dumps(study, indent=2))
     plot(results, runs, ensembles, lr_scale)
     report = write_report(results, study, runs, ensembles, torch_sum)
