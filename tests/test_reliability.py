@@ -329,6 +329,28 @@ def test_truncated_checkpoint_is_one_line_error_in_a_real_process(bad_run, env) 
     assert line.startswith(f"bert-jax evaluate: error: {bad_run / 'best' / str(best)}: cannot restore checkpoint (")
 
 
+def test_failed_restore_silences_asyncio_echoes(tmp_path, monkeypatch) -> None:
+    """A failed restore leaves its abandoned read tasks to asyncio, which logs "Task exception was never
+    retrieved" (a page of TensorStore spec) when they are collected, possibly after the one-line error:
+    the log filter must be up from the failure on, as after a failed save (this echo once failed CI)."""
+    import logging
+
+    import train.checkpoint as C
+
+    class Failing:
+        def restore(self, step, args):
+            raise Exception("Encountered error while reading array index\nTensorStore({ ... })")
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))
+    echo = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None, None)
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "something else", None, None)
+    with pytest.raises(C.RunError, match=r"cannot restore checkpoint \(Exception: Encountered error"):
+        C._restore(Failing(), 3, None, tmp_path)
+    assert not asyncio_log.filter(echo) and asyncio_log.filter(other)
+
+
 @pytest.mark.parametrize("breakage,command,message", [
     ("truncate_best", "evaluate", "cannot restore checkpoint"),
     ("truncate_best", "predict", "cannot restore checkpoint"),

@@ -132,7 +132,8 @@ class _QuietOrbaxThreads(logging.Filter):
     """Drops the echoes of a failed orbax write while a save is guarded (and after it failed): orbax's
     `_SignalingThread.run() raised an exception` (a page of traceback per failed writer thread, logged to
     "absl") and asyncio's `... exception was never retrieved` for the abandoned write futures (logged to
-    "asyncio" whenever the future is collected). The failure is reported once, by `_guarded`."""
+    "asyncio" whenever the future is collected; a failed restore's abandoned read tasks log the same). The
+    failure is reported once, by `_guarded` / `_restore`."""
 
     _ECHOES = ("_SignalingThread.run() raised an exception", "exception was never retrieved")
 
@@ -145,6 +146,26 @@ _QUIET_THREADS = _QuietOrbaxThreads()
 _ECHO_LOGGERS = ("absl", "asyncio")
 
 
+def _quiet_echoes() -> bool:
+    """Put up the unraisable-exception filter and the orbax/asyncio log filter; True if the hook was
+    installed now (not already up from an earlier failure)."""
+    global _previous_hook
+    installed = sys.unraisablehook is not _quiet_abandoned_reads
+    if installed:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
+    for name in _ECHO_LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET_THREADS)
+    return installed
+
+
+def _loud_echoes(installed: bool) -> None:
+    """Take down what `_quiet_echoes` put up (after a save / restore that succeeded)."""
+    if installed:
+        sys.unraisablehook = _previous_hook
+        for name in _ECHO_LOGGERS:
+            logging.getLogger(name).removeFilter(_QUIET_THREADS)
+
+
 def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
     """`fn()` (an orbax save), any failure (a full disk, a read-only or vanished directory) as a one-line
     `RunError`: `<where>: cannot save <what> (<first line of the error>)<hint>`.
@@ -153,12 +174,7 @@ def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
     filter for orbax's thread-failure logs go up before the write and, after a failure, stay up for the
     rest of the process (the echoes continue in other threads and at interpreter exit).
     """
-    global _previous_hook
-    installed = sys.unraisablehook is not _quiet_abandoned_reads
-    if installed:
-        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
-    for name in _ECHO_LOGGERS:
-        logging.getLogger(name).addFilter(_QUIET_THREADS)
+    installed = _quiet_echoes()
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
@@ -168,10 +184,7 @@ def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
         if code and not isinstance(e, OSError):
             failure = f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}; {_one_line(e, 160)}"
     else:
-        if installed:
-            sys.unraisablehook = _previous_hook
-        for name in _ECHO_LOGGERS:
-            logging.getLogger(name).removeFilter(_QUIET_THREADS)
+        _loud_echoes(installed)
         return out
     gc.collect()  # finalize the abandoned write coroutines now, under the filter
     raise RunError(f"{where}: cannot save {what} ({failure}){hint}")
@@ -180,20 +193,17 @@ def _guarded(what: str, where: Path, fn, hint: str = "") -> Any:
 def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite, where: Path) -> Any:
     """`mngr.restore(step, args)`, any failure (truncated / corrupt files) as a one-line `RunError`.
 
-    The unraisable-exception filter goes up before the read (the echoes of a failure start in other
-    threads as soon as it happens) and stays up after a failure, for the rest of the process.
+    The unraisable-exception and log filters (`_quiet_echoes`) go up before the read (the echoes of a
+    failure start in other threads as soon as it happens) and stay up after a failure, for the rest of
+    the process.
     """
-    global _previous_hook
-    installed = sys.unraisablehook is not _quiet_abandoned_reads
-    if installed:
-        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_abandoned_reads
+    installed = _quiet_echoes()
     try:
         out = mngr.restore(step, args=args)
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions
         failure = _one_line(e)
     else:
-        if installed:
-            sys.unraisablehook = _previous_hook
+        _loud_echoes(installed)
         return out
     gc.collect()  # finalize the abandoned read coroutines now
     raise RunError(f"{where}: cannot restore checkpoint ({failure})")
