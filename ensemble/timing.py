@@ -2,8 +2,8 @@
 
 Both arms score the same device-resident batches with the same params; both use ahead-of-time compiled
 executables (one per distinct batch shape), so compilation is timed separately and never inside a
-repetition. After one warm-up pass of each arm, repetitions alternate A/B (ABBA order) and medians are
-reported. Used by `bert-jax bench --what ensemble`.
+repetition. After one warm-up pass of each arm, repetitions alternate A/B (ABBA order, `train.timing`) and
+medians are reported. Used by `bert-jax bench --what ensemble`.
 
 Measure with the machine otherwise idle: on a shared CPU the wall times follow the other processes' load.
 """
@@ -26,6 +26,7 @@ from train import data as D
 from train.heads import HeadConfig, init_heads
 from train.step import ModelSpec, make_eval_fn
 from train.tasks import get_task
+from train.timing import interleave
 
 
 def _batches(checkpoint: str, tasks: Sequence[str], n_examples: int, batch_size: int, max_len: int,
@@ -136,13 +137,7 @@ def time_ensemble(
                for i in range(k) for j in range(len(batches)))
     del outs
 
-    order = "".join(arms)
-    times: dict[str, list[float]] = {a: [] for a in arms}
-    for r in range(reps):
-        for arm in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            run(arm)
-            times[arm].append(time.perf_counter() - t0)
+    times = interleave({arm: (lambda arm=arm: run(arm)) for arm in arms}, reps).wall
     med = {a: statistics.median(t) for a, t in times.items()}
     extra: dict[str, Any] = {}
     for arm in arms:

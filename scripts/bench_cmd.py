@@ -48,6 +48,7 @@ import numpy as np
 
 from train.compilation import CompileEvents
 from train.tasks import get_task
+from train.timing import Timings, interleave
 
 STEP_TASKS = ("sst", "para", "sts")
 
@@ -139,30 +140,6 @@ def stats(xs: list[float]) -> dict[str, float]:
     q = np.percentile(xs, [25, 50, 75])
     return {"median_s": float(q[1]), "q25_s": float(q[0]), "q75_s": float(q[2]), "min_s": float(min(xs)),
             "max_s": float(max(xs)), "n": len(xs)}
-
-
-class Timings:
-    """Wall and process-CPU seconds of each repetition of the two arms."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, list[float]] = {"a": [], "b": []}
-        self.cpu: dict[str, list[float]] = {"a": [], "b": []}
-
-
-def interleave(run_a: Callable[[], None], run_b: Callable[[], None], reps: int) -> Timings:
-    """`reps` timings of each arm, alternating AB, BA, AB, ... (each call must block until done).
-
-    Besides wall time, the process CPU time (all threads) of each call is kept: on a shared machine
-    wall time also counts waiting for the cores, CPU time only this process's work.
-    """
-    t = Timings()
-    for r in range(reps):
-        for arm in ("ab" if r % 2 == 0 else "ba"):
-            c0, t0 = time.process_time(), time.perf_counter()
-            (run_a if arm == "a" else run_b)()
-            t.wall[arm].append(time.perf_counter() - t0)
-            t.cpu[arm].append(time.process_time() - c0)
-    return t
 
 
 def result(what: str, a: str, b: str, t: Timings, m: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -338,7 +315,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         jx(batches)
         tr(batches)
     _log(args, f"compiled in {first_a:.1f} s; timing {args.reps} reps")
-    t = interleave(lambda: jx(batches), lambda: tr(batches), args.reps)
+    t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, args.reps)
     return result(
         "step", f"JAX train step (sum of {len(cfg.tasks)} task losses)",
         f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", t, machine(),
@@ -368,7 +345,7 @@ def bench_pcgrad(args: argparse.Namespace, a_cfg: dict | None = None, b_cfg: dic
         a(batches)
         b(batches)
     _log(args, f"compiled; timing {args.reps} reps")
-    t = interleave(lambda: a(batches), lambda: b(batches), args.reps)
+    t = interleave({"a": lambda: a(batches), "b": lambda: b(batches)}, args.reps)
     return result(what, labels[0], labels[1], t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(STEP_TASKS),
                   compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps)
@@ -427,7 +404,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         warm_a = seconds(one_pass, jx)
     warm_b = seconds(one_pass, tr)
     _log(args, f"warm-up: JAX {warm_a:.1f} s ({len(jx.shapes)} shapes), torch {warm_b:.1f} s; timing {args.reps} reps")
-    t = interleave(lambda: one_pass(jx), lambda: one_pass(tr), args.reps)
+    t = interleave({"a": lambda: one_pass(jx), "b": lambda: one_pass(tr)}, args.reps)
     return result(
         "epoch", "JAX: load + tokenise + batch + train steps, one pass",
         f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", t, machine(),
@@ -497,7 +474,7 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
         a(batches)
         run_b()
     _log(args, f"compiled (population {compile_a:.1f} s, {args.k} single steps {compile_b:.1f} s); timing {args.reps} reps")
-    t = interleave(lambda: a(batches), run_b, args.reps)
+    t = interleave({"a": lambda: a(batches), "b": run_b}, args.reps)
     med_a, med_b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
     steps = 600  # the study's run length
     how = {"vmap": "vmap, all members side by side", "loop": "one member program, called per member"}[impl]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+from typing import Callable, Iterator
 
 
 def _strict(obj):
@@ -34,15 +36,71 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+class _Progress:
+    """The training log on stderr, for a single run and a population alike: a tqdm bar of steps, a line per
+    dev evaluation, notes. `start(e)` says what the run is (the line printed at its start event)."""
+
+    def __init__(self, quiet: bool, start: Callable[[dict], str]):
+        self.quiet, self.describe, self.bar = quiet, start, None
+
+    def __call__(self, e: dict) -> None:
+        from tqdm import tqdm
+
+        from train.sharding import is_main_process
+
+        if e["event"] == "start":
+            if e["skipped"]:
+                print(e["skipped"], file=sys.stderr)
+            print(self.describe(e), file=sys.stderr)
+            self.bar = tqdm(total=e["total_steps"], initial=e["start_step"], desc="train", dynamic_ncols=True,
+                            disable=self.quiet or not is_main_process(), mininterval=1.0)
+        elif e["event"] == "step":
+            self.bar.update(e["step"] - self.bar.n)
+            label = "mean_loss" if "loss_members" in e else "loss"  # a population's: the members' mean
+            self.bar.set_postfix({label: f"{e['loss']:.3f}", "steps_s": f"{e['steps_per_s']:.2f}"})
+        elif e["event"] == "overwrite":
+            kept = f"; keeping {', '.join(e['keeping'])}" if e["keeping"] else ""
+            print(f"bert-jax train: --overwrite: deleting {', '.join(e['deleting'])} in {e['run']}{kept}", file=sys.stderr)
+        elif e["event"] == "note":
+            print(f"bert-jax train: note: {e['message']}", file=sys.stderr)
+        elif e["event"] == "eval":
+            shown = {k: round(e[k], 4) for k in (*_metric_names(), "overall") if isinstance(e.get(k), float)}
+            where = e["member"] if "member" in e else f"(epoch {e['epoch']})"
+            tqdm.write(f"dev @ step {e['step']} {where}: {json.dumps(shown)}{'  [best]' if e['best'] else ''}",
+                       file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _metric_names() -> tuple[str, ...]:
+    from train.tasks import TASKS
+
+    return tuple(TASKS)
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[dict]:
+    """SIGINT / SIGTERM set `stop["sig"]` (the trainer polls it before every step, checkpoints and returns
+    with `stopped`) instead of killing the process; the previous handlers are back on exit."""
+    import signal
+
+    stop = {"sig": None}
+    previous = {s: signal.signal(s, lambda signum, _f: stop.update(sig=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _train(args: argparse.Namespace) -> int:
     """Exit codes: 0 done; 2 user error (one line, no traceback); 3 non-finite loss (the last good checkpoint
     is kept); 128+signum (130 SIGINT, 143 SIGTERM) interrupted: the state was checkpointed mid-epoch, the
     process exited cleanly, and `--resume` continues exactly (a non-zero code so that scripts and job
     schedulers do not mistake an interrupted run for a finished one)."""
-    import signal
     from pathlib import Path
-
-    from tqdm import tqdm
 
     from train.config import resolve_config
     from train.trainer import NonFiniteLoss, train
@@ -70,48 +128,21 @@ def _train(args: argparse.Namespace) -> int:
         if dp is not None:
             raise ValueError("--population trains on one device; drop --mesh")
         return _train_population(cfg, args)
-    stop = {"sig": None}
-
-    def on_signal(signum, _frame):
-        stop["sig"] = signum
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-
-    def log(e: dict) -> None:
-        nonlocal bar
-        if e["event"] == "start":
-            if e["skipped"]:
-                print(e["skipped"], file=sys.stderr)
-            print(f"train sizes {e['train_sizes']}; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps", file=sys.stderr)
-            bar = tqdm(total=e["total_steps"], initial=e["start_step"], desc="train", dynamic_ncols=True,
-                       disable=args.quiet or not is_main_process(), mininterval=1.0)
-        elif e["event"] == "step":
-            bar.update(e["step"] - bar.n)
-            bar.set_postfix(loss=f"{e['loss']:.3f}", steps_s=f"{e['steps_per_s']:.2f}")
-        elif e["event"] == "overwrite":
-            kept = f"; keeping {', '.join(e['keeping'])}" if e["keeping"] else ""
-            print(f"bert-jax train: --overwrite: deleting {', '.join(e['deleting'])} in {e['run']}{kept}", file=sys.stderr)
-        elif e["event"] == "note":
-            print(f"bert-jax train: note: {e['message']}", file=sys.stderr)
-        elif e["event"] == "eval":
-            shown = {k: round(v, 4) for k, v in e.items() if isinstance(v, float)}
-            tqdm.write(f"dev @ step {e['step']} (epoch {e['epoch']}): {json.dumps(shown)}{'  [best]' if e['best'] else ''}", file=sys.stderr)
-
-    try:
-        result = train(cfg, args.data_dir, args.out, resume=args.resume, log=log, should_stop=lambda: stop["sig"] is not None,
-                       dp=dp, overwrite=args.overwrite)
-    except NonFiniteLoss as e:
-        print(f"bert-jax train: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        if bar is not None:
-            bar.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    progress = _Progress(args.quiet, lambda e: f"train sizes {e['train_sizes']}; {e['steps_per_epoch']} steps/epoch, "
+                                               f"{e['total_steps']} steps")
+    with _signals_stop() as stop:
+        try:
+            result = train(cfg, args.data_dir, args.out, resume=args.resume, log=progress,
+                           should_stop=lambda: stop["sig"] is not None, dp=dp, overwrite=args.overwrite,
+                           tensorboard=not args.no_tensorboard)
+        except NonFiniteLoss as e:
+            print(f"bert-jax train: error: {e}", file=sys.stderr)
+            return 3
+        finally:
+            progress.close()
     print(json_line(result))
     if not result["stopped"] and is_main_process():
-        shown = ", ".join(f"{t} {result[t]:.4f}" for t in ("sst", "para", "sts", "cfimdb", "overall") if t in result)
+        shown = ", ".join(f"{t} {result[t]:.4f}" for t in (*_metric_names(), "overall") if t in result)
         print(f"final dev metrics (step {result['step']}): {shown}\n"
               f"best dev overall {result['best_overall']:.4f}; best checkpoint: {result['best_checkpoint']}\n"
               f"wall {result['wall_s'] / 60:.1f} min; compiling {result['compile_s']:.1f} s "
@@ -127,10 +158,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_population(cfg, args: argparse.Namespace) -> int:
     """`train --population FIELD=V1,V2 ...`: the members train as one vmapped program (train/population.py), each
     into OUT/<member>; same exit codes as `train`."""
-    import signal
     from pathlib import Path
-
-    from tqdm import tqdm
 
     from train.population import member_configs, member_name, parse_axes, train_population
     from train.trainer import NonFiniteLoss
@@ -138,40 +166,17 @@ def _train_population(cfg, args: argparse.Namespace) -> int:
     members = parse_axes(args.population)
     cfgs = member_configs(cfg, members)
     runs = [Path(args.out) / member_name(m) for m in members]
-    stop = {"sig": None}
-    previous = {s: signal.signal(s, lambda signum, _f: stop.update(sig=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-
-    def log(e: dict) -> None:
-        nonlocal bar
-        if e["event"] == "start":
-            if e["skipped"]:
-                print(e["skipped"], file=sys.stderr)
-            print(f"population of {len(runs)} in {args.out}: {', '.join(e['members'])}; {e['steps_per_epoch']} "
-                  f"steps/epoch, {e['total_steps']} steps", file=sys.stderr)
-            bar = tqdm(total=e["total_steps"], initial=e["start_step"], desc="train", dynamic_ncols=True,
-                       disable=args.quiet, mininterval=1.0)
-        elif e["event"] == "step":
-            bar.update(e["step"] - bar.n)
-            bar.set_postfix(mean_loss=f"{e['loss']:.3f}", steps_s=f"{e['steps_per_s']:.2f}")
-        elif e["event"] == "note":
-            print(f"bert-jax train: note: {e['message']}", file=sys.stderr)
-        elif e["event"] == "eval":
-            shown = {k: round(v, 4) for k, v in e.items() if isinstance(v, float) and k in ("sst", "para", "sts", "cfimdb", "overall")}
-            tqdm.write(f"dev @ step {e['step']} {e['member']}: {json.dumps(shown)}{'  [best]' if e['best'] else ''}",
-                       file=sys.stderr)
-
-    try:
-        results = train_population(cfgs, runs, args.data_dir, resume=args.resume, log=log,
-                                   should_stop=lambda: stop["sig"] is not None)
-    except NonFiniteLoss as e:
-        print(f"bert-jax train: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        if bar is not None:
-            bar.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    progress = _Progress(args.quiet, lambda e: f"population of {len(runs)} in {args.out}: {', '.join(e['members'])}; "
+                                               f"{e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps")
+    with _signals_stop() as stop:
+        try:
+            results = train_population(cfgs, runs, args.data_dir, resume=args.resume, log=progress,
+                                       should_stop=lambda: stop["sig"] is not None, tensorboard=not args.no_tensorboard)
+        except NonFiniteLoss as e:
+            print(f"bert-jax train: error: {e}", file=sys.stderr)
+            return 3
+        finally:
+            progress.close()
     for r in results:
         print(json_line(r))
     if stop["sig"] is not None:
@@ -179,7 +184,7 @@ def _train_population(cfg, args: argparse.Namespace) -> int:
               f"continue with --resume", file=sys.stderr)
         return 128 + int(stop["sig"])
     for r in results:
-        shown = ", ".join(f"{t} {r[t]:.4f}" for t in ("sst", "para", "sts", "cfimdb", "overall") if t in r)
+        shown = ", ".join(f"{t} {r[t]:.4f}" for t in (*_metric_names(), "overall") if t in r)
         print(f"{r['member']}: final dev {shown}; best {r['best_overall']:.4f} at {r['best_checkpoint']}", file=sys.stderr)
     r = results[0]
     print(f"wall {r['wall_s'] / 60:.1f} min for {len(results)} members; compiling {r['compile_s']:.1f} s "
@@ -315,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--out holds a bert-jax run: start it over (its checkpoints, metrics and run files are "
                         "deleted, announced on stderr first; other files are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write RUN/tensorboard (TensorBoard event files of the losses and dev metrics)")
     p.add_argument("--framework", choices=["jax", "torch"], default="jax",
                    help="torch: the PyTorch baseline trains the same config on the same batches (final dev metrics "
                         "in OUT/torch.json)")

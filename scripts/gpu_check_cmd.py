@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(2):
                 jx(batches)
                 tr(batches)
-            t = interleave(lambda: jx(batches), lambda: tr(batches), reps)
+            t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, reps)
             a, b = stats(t.wall["a"]), stats(t.wall["b"])
             row = {"jax_s": a["median_s"], "torch_s": b["median_s"], "jax_over_torch": a["median_s"] / b["median_s"],
                    "jax_compile_s": jx.events.summary()["total_s"], "jax_first_call_s": first,
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for arm in singles:
             arm(batches)
         pop(batches)
-        t = interleave(lambda: pop(batches), lambda: [arm(batches) for arm in singles], reps)
+        t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, reps)
         a, b = stats(t.wall["a"]), stats(t.wall["b"])
         out["population_step"] = {"k": k, "batch": pb, "seq": seq, "population_s": a["median_s"],
                                   "singles_s": b["median_s"], "population_over_singles": a["median_s"] / b["median_s"],

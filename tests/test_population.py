@@ -18,7 +18,7 @@ from train.trainer import train
 
 def _base(ckpt: Path, combine: str) -> TrainConfig:
     return TrainConfig(checkpoint=str(ckpt), combine=combine, epochs=1, epoch_policy=4, batch_size=4, max_len=32,
-                       buckets=(16, 32), train_limit=48, dev_limit=16, eval_batch_size=16, warmup_steps=1,
+                       buckets=(32,), train_limit=48, dev_limit=16, eval_batch_size=16, warmup_steps=1,
                        schedule="linear", head_lr_scale=3.0)
 
 

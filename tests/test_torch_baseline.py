@@ -208,15 +208,6 @@ def test_bench_step_cli_smoke(tiny_bert_dir, tmp_path):
     assert r["machine"]["cores"] >= 1 and r["machine"]["torch_threads"] >= 1
 
 
-def test_interleave_alternates_arms():
-    from scripts.bench_cmd import interleave
-
-    order = []
-    t = interleave(lambda: order.append("a"), lambda: order.append("b"), 4)
-    assert "".join(order) == "abbaabba"
-    assert len(t.wall["a"]) == len(t.cpu["b"]) == 4
-
-
 def test_fast_dropout_masks_equal_flax_bernoulli():
     """bert_jax's Dropout / keep_mask (a perf rewrite) must give exactly flax's / jax.random.bernoulli's masks."""
     import flax.linen as nn

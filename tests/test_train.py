@@ -224,6 +224,36 @@ def test_cli_resume_continues_from_the_checkpoint(cli_run):
     assert at4["best"] is (at4["overall"] > at2["overall"])  # the best-so-far was restored, not reset to -inf
 
 
+def _tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every TFRecord event file in `logdir`, parsed here (length, crc, Event proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_cli_train_writes_tensorboard_events(cli_run):
+    """The TensorBoard hook (on by default) wrote every step's losses and the dev metrics of every evaluation,
+    across the resume, equal to metrics.jsonl's."""
+    scalars = _tensorboard_scalars(cli_run.dir / "tensorboard")
+    for tag in ("train/loss", "train/loss_sst", "train/loss_para", "train/loss_sts", "train/grad_norm"):
+        assert sorted(scalars[tag]) == [1, 2, 3, 4], tag
+        assert all(np.isfinite(v) for v in scalars[tag].values())
+    records = _records(cli_run.dir)
+    for t in ("sst", "para", "sts", "overall"):
+        assert scalars[f"dev/{t}"] == {r["step"]: pytest.approx(r[t], abs=1e-6) for r in records}
+
+
 def test_cli_train_refuses_to_overwrite_a_run(cli_run, tiny_vocab_bert_dir, capsys):
     listing = sorted(p.name for p in (cli_run.dir / "checkpoints").iterdir())
     rc = cli_main(["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(cli_run.data),

@@ -40,6 +40,8 @@ from train import data as D
 from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
 from train.compilation import CompileEvents
 from train.config import TrainConfig
+from train.tensorboard import TensorBoard, close_hooks, event_hooks
+from train.loop import Loop, StepInfo, StepMetrics, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position, evaluate,
@@ -224,13 +226,14 @@ class _Member:
 def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], data_dir: str | Path | None,
                      resume: bool = False, log: Callable[[dict[str, Any]], None] = lambda e: None,
                      should_stop: Callable[[], bool] = lambda: False, log_every: int = 20,
-                     impl: Impl | None = None) -> list[dict[str, Any]]:
+                     impl: Impl | None = None, tensorboard: bool = True) -> list[dict[str, Any]]:
     """Train the members `cfgs` (see `member_configs`) into the run directories `runs`, as one vmapped program.
 
     Log events are `train.trainer.train`'s; step events carry per-member lists (`loss_members`, `loss_<task>`,
     `grad_norm`) and `loss`, their mean; eval events name their `member`.
     Returns one result per member (last dev metrics, `best_overall`, `best_checkpoint`, `step`, `stopped`,
-    and the population's `wall_s` / `compile_s`). `impl`: see `make_population_step`."""
+    and the population's `wall_s` / `compile_s`). `impl`: see `make_population_step`. `tensorboard`: each
+    member's events also go to its RUN/tensorboard (`train.tensorboard`)."""
     check_population(cfgs)
     runs = [Path(r) for r in runs]
     if len(runs) != len(cfgs) or len(set(runs)) != len(runs):
@@ -239,11 +242,11 @@ def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], da
         for run in runs:
             locks.enter_context(RunLock(run, note=lambda msg: log({"event": "note", "message": msg})))
             check_out_dir(run, resume, overwrite=False)
-        return _train(list(cfgs), runs, data_dir, resume, log, should_stop, log_every, impl)
+        return _train(list(cfgs), runs, data_dir, resume, log, should_stop, log_every, impl, tensorboard)
 
 
 def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, log, should_stop, log_every: int,
-           impl: Impl | None):
+           impl: Impl | None, tensorboard: bool):
     t_start = time.perf_counter()
     cfg = cfgs[0]
     data_dir = D.resolve_data_dir(data_dir)
@@ -265,14 +268,15 @@ def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, lo
         run.mkdir(parents=True, exist_ok=True)
     members = [_Member(c, run, Checkpointer(run, keep=c.keep_checkpoints)) for c, run in zip(cfgs, runs)]
     try:
-        return _loop(cfgs, members, states, data, spec, total, per_epoch, resume, log, should_stop, log_every, t_start, impl)
+        return _loop(cfgs, members, states, data, spec, total, per_epoch, resume, log, should_stop, log_every, t_start,
+                     impl, tensorboard)
     finally:
         for m in members:
             m.ckpt.close()
 
 
 def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoch: int, resume: bool, log, should_stop,
-          log_every: int, t_start: float, impl: Impl | None) -> list[dict[str, Any]]:
+          log_every: int, t_start: float, impl: Impl | None, tensorboard: bool) -> list[dict[str, Any]]:
     if resume and all(m.ckpt.latest_step() is not None for m in members):
         common = min(m.ckpt.latest_step() for m in members)
         for k, m in enumerate(members):
@@ -291,6 +295,8 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         if last.get("step") == start and last.get("best") and isinstance(last.get("overall"), float):
             m.best = max(m.best, last["overall"])
         pending_eval |= start > 0 and last.get("step") != start and (start % per_epoch == 0 or start >= total)
+    hooks = [TensorBoard(m.run, member=k) for k, m in enumerate(members)] if tensorboard else []
+    log = event_hooks(log, hooks)
     impl = default_impl() if impl is None else impl
     state = init_population(states, impl)
     del states
@@ -300,69 +306,61 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     log({"event": "start", "total_steps": total, "steps_per_epoch": per_epoch, "start_step": start,
          "skipped": data.skipped, "train_sizes": data.sched.sizes, "members": [m.run.name for m in members]})
     compiles = CompileEvents()
-    compiles.__enter__()
-    pending: list[tuple[int, dict]] = []
-    t_last, n_last, step, stopped = time.perf_counter(), start, start, False
+    step_metrics = StepMetrics()
+    timer = {"t": time.perf_counter(), "step": start}
 
-    def flush() -> None:
-        nonlocal t_last, n_last
-        if not pending:
-            return
-        host = [(s, {k: [float(x) for x in v] for k, v in m.items()}) for s, m in pending]
-        pending.clear()
-        for s, m in host:
-            if not all(math.isfinite(x) for k, v in m.items() if k.startswith("loss") or k == "grad_norm" for x in v):
-                bad = [members[i].run.name for i in range(len(members)) if not math.isfinite(m["loss"][i])]
-                raise NonFiniteLoss(f"non-finite loss at step {s} (members {', '.join(bad) or '?'}); the last good "
-                                    f"checkpoints are kept")
-        now = time.perf_counter()
-        s, m = host[-1]
-        log({"event": "step", "step": s, "epoch": s // per_epoch, **m, "loss": sum(m["loss"]) / len(m["loss"]),
-             "loss_members": m["loss"], "steps_per_s": (s - n_last) / max(now - t_last, 1e-9)})
-        t_last, n_last = now, s
+    # the hooks, in the order they run at an epoch end: log the step metrics, checkpoint, evaluate
+    def log_steps(info: StepInfo) -> None:
+        host = step_metrics.pull()
+        bad = first_non_finite(host)
+        if bad is not None:
+            s, m = bad
+            names = [members[i].run.name for i in range(len(members)) if not math.isfinite(m["loss"][i])]
+            raise NonFiniteLoss(f"non-finite loss at step {s} (members {', '.join(names) or '?'}); the last good "
+                                f"checkpoints are kept")
+        if host:
+            now = time.perf_counter()
+            s, m = host[-1]
+            log({"event": "step", "step": s, "epoch": s // per_epoch, **m, "loss": sum(m["loss"]) / len(m["loss"]),
+                 "loss_members": m["loss"], "steps_per_s": (s - timer["step"]) / max(now - timer["t"], 1e-9),
+                 "per_step": host})
+            timer.update(t=now, step=s)
 
-    def save() -> None:
-        if not bool(_all_finite(state)):
-            raise NonFiniteLoss(f"non-finite training state at step {step}, not saved; the last good checkpoints are kept")
+    def save(info: StepInfo) -> None:
+        if not bool(_all_finite(info.state)):
+            raise NonFiniteLoss(f"non-finite training state at step {info.step}, not saved; the last good "
+                                f"checkpoints are kept")
         for k, m in enumerate(members):
-            m.ckpt.save_state(member_state(state, k), {"epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
-                                                 "best_overall": m.best, "steps_per_epoch": per_epoch,
-                                                 "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
+            m.ckpt.save_state(member_state(info.state, k), {
+                "epoch": info.step // per_epoch, "step_in_epoch": info.step % per_epoch, "best_overall": m.best,
+                "steps_per_epoch": per_epoch, "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
 
-    def evaluate_all(epoch: int) -> None:
+    def evaluate_all(info: StepInfo) -> None:
+        if not info.boundary:
+            return
         c = compiles.summary()
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
                  "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
         for k, m in enumerate(members):
-            params = member_state(state, k).params
+            params = member_state(info.state, k).params
             metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.eval_batch_size, m.cfg.buckets)
-            log({"event": "eval", "member": m.run.name, **m.record(step, epoch, params, metrics, extra)})
+            log({"event": "eval", "member": m.run.name, **m.record(info.step, info.epoch, params, metrics, extra)})
 
+    loop = Loop(data.sched, total, should_stop)
+    loop.add_hook(step_metrics.add, every=1)
+    loop.add_hook(log_steps, every=log_every)
+    for hook in (log_steps, save, evaluate_all):
+        loop.add_hook(hook, epoch_end=True)
+    compiles.__enter__()
     try:
         if pending_eval:
-            evaluate_all((start - 1) // per_epoch)
-        epoch, offset = divmod(start, per_epoch)
-        while step < total and not stopped:
-            for batches in data.sched.epoch_batches(epoch, offset):
-                if step >= total:
-                    break
-                if should_stop():
-                    stopped = True
-                    break
-                state, metrics = step_fn(state, batches, hp)
-                step += 1
-                pending.append((step, metrics))
-                if step % log_every == 0:
-                    flush()
-            flush()
-            save()  # before the evaluation, as for a single run
-            if not stopped and (step % per_epoch == 0 or step >= total):
-                evaluate_all(epoch)
-            epoch, offset = epoch + 1, 0
+            evaluate_all(StepInfo(start, (start - 1) // per_epoch, state, None, boundary=True))
+        state, step, stopped = loop.run(lambda st, g, batches: step_fn(st, batches, hp), state, start)
+        if stopped:
+            log({"event": "stopped", "reason": "signal", "step": step})
     finally:
         compiles.__exit__()
-    if stopped:
-        log({"event": "stopped", "reason": "signal", "step": step})
+        close_hooks(hooks)
     c = compiles.summary()
     wall = round(time.perf_counter() - t_start, 1)
     out = []

@@ -35,7 +35,7 @@ from train.checkpoint import RunError
 LOCK_NAME = ".lock"
 # Everything bert-jax train writes into a run directory (and so may delete with --overwrite).
 OWN_NAMES = ("config.yaml", "bert_config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-             "tokenizer.json", "added_tokens.json", "metrics.jsonl", "metrics.jsonl.tmp", "checkpoints", "best")
+             "tokenizer.json", "added_tokens.json", "metrics.jsonl", "metrics.jsonl.tmp", "checkpoints", "best", "tensorboard")
 _MARKERS = ("config.yaml", "bert_config.json")
 
 

@@ -51,7 +51,9 @@ from train.compilation import CompileEvents
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
+from train.loop import Loop, StepInfo, StepMetrics, first_non_finite, watched
 from train.metrics import summarize, task_metric
+from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.sharding import DataParallel, is_main_process
 from train.tasks import evaluated_tasks
 from train.step import init_model, init_state, make_eval_fn, make_train_step, optimizer
@@ -245,6 +247,7 @@ def train(
     fault: Callable[[int, dict], dict] | None = None,
     dp: DataParallel | None = None,
     overwrite: bool = False,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
     """Train per `cfg`, writing `run_dir`. Returns the last dev metrics (plus `best_overall`, `step`).
 
@@ -254,18 +257,20 @@ def train(
     `cfg.batch_size` must be divisible by the mesh size. `run_dir` must be new, empty or a bert-jax run
     (then `resume`, or `overwrite`: its bert-jax files are deleted, announced by an "overwrite" event, once
     the new run's data and model have loaded); it is locked (RUN/.lock) for the whole call, by process 0.
+    `tensorboard`: also write the log events to RUN/tensorboard (`train.tensorboard`).
     """
     run = Path(run_dir)
     if not is_main_process():  # multi-host: process 0 owns and locks the directory
-        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite)
+        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite, False)
     with RunLock(run, note=lambda msg: log({"event": "note", "message": msg})):
         check_out_dir(run, resume, overwrite)
-        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite)
+        return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite, tensorboard)
 
 
 def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
                log: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool], log_every: int,
-               fault: Callable[[int, dict], dict] | None, dp: DataParallel | None, overwrite: bool) -> dict[str, Any]:
+               fault: Callable[[int, dict], dict] | None, dp: DataParallel | None, overwrite: bool,
+               tensorboard: bool) -> dict[str, Any]:
     """`train`'s body, in a locked and checked run directory."""
     t_start = time.perf_counter()
     data_dir = D.resolve_data_dir(data_dir)
@@ -302,6 +307,8 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     # only now that the resume is known to be valid: a refused --resume leaves the run untouched
     write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
     last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
+    hooks = [TensorBoard(run)] if tensorboard else []
+    log = event_hooks(log, hooks)
 
     step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
                               impl=cfg.step_impl)
@@ -312,32 +319,15 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
 
     best = position["best_overall"]
     # An epoch-end checkpoint is saved before its evaluation: fold in that evaluation when metrics.jsonl
-    # recorded it, else redo it (first thing in the loop below).
+    # recorded it, else redo it (before the first step).
     if last_record.get("step") == start_step and last_record.get("best") and isinstance(last_record.get("overall"), float):
         best = max(best, last_record["overall"])
     eval_pending = (start_step > 0 and last_record.get("step") != start_step
                     and (start_step % steps_per_epoch == 0 or start_step >= total))
     metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
-    pending: list[tuple[int, dict]] = []  # device metrics not yet pulled to the host
-    t_last, n_last = time.perf_counter(), start_step
-    global_step = start_step
-
-    def flush() -> None:
-        nonlocal t_last, n_last
-        if not pending:
-            return
-        host = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]
-        pending.clear()
-        for s, m in host:
-            watched = {k: v for k, v in m.items() if k.startswith("loss") or k == "grad_norm"}
-            if not all(math.isfinite(v) for v in watched.values()):
-                raise NonFiniteLoss(f"non-finite loss at step {s} ("
-                                    + ", ".join(f"{k}={v:.4g}" for k, v in watched.items()) + "); " + kept())
-        now = time.perf_counter()
-        s, m = host[-1]
-        log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m,
-             "steps_per_s": (s - n_last) / max(now - t_last, 1e-9)})
-        t_last, n_last = now, s
+    step_metrics = StepMetrics()
+    timer = {"t": time.perf_counter(), "step": start_step}
+    compiles = CompileEvents()
 
     def kept() -> str:
         last = ckpt.latest_step()
@@ -345,21 +335,44 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
             return "training stopped before its first checkpoint was written"
         return f"training stopped; the last good checkpoint (step {last}) in {run / 'checkpoints'} is kept"
 
-    def check_finite(tree, what: str) -> None:
+    def check_finite(tree, what: str, step: int) -> None:
         """Never save non-finite values (they would become the latest / best checkpoint)."""
         if not bool(_all_finite(tree)):
-            raise NonFiniteLoss(f"non-finite {what} at step {global_step}, not saved; " + kept())
+            raise NonFiniteLoss(f"non-finite {what} at step {step}, not saved; " + kept())
 
-    def do_eval(epoch: int) -> None:
+    # the hooks, in the order they run at an epoch end: log the step metrics, checkpoint, evaluate
+    def log_steps(info: StepInfo) -> None:
+        host = step_metrics.pull()
+        bad = first_non_finite(host)
+        if bad is not None:
+            raise NonFiniteLoss(f"non-finite loss at step {bad[0]} ("
+                                + ", ".join(f"{k}={v:.4g}" for k, v in watched(bad[1]).items()) + "); " + kept())
+        if host:
+            now = time.perf_counter()
+            s, m = host[-1]
+            log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m,
+                 "steps_per_s": (s - timer["step"]) / max(now - timer["t"], 1e-9), "per_step": host})
+            timer.update(t=now, step=s)
+
+    def save(info: StepInfo) -> None:
+        check_finite(info.state, "training state", info.step)
+        # saved before the evaluation: a failed (or killed) evaluation never loses the trained steps
+        ckpt.save_state(info.state, {"epoch": info.step // steps_per_epoch, "step_in_epoch": info.step % steps_per_epoch,
+                                     "best_overall": best, "steps_per_epoch": steps_per_epoch, "train_sizes": sizes,
+                                     "train_fingerprint": fingerprint})
+
+    def do_eval(info: StepInfo) -> None:
         nonlocal best, metrics
-        metrics, _ = evaluate(eval_fn, state.params, dev_sets, cfg.eval_batch_size, cfg.buckets)
+        if not info.boundary:
+            return
+        metrics, _ = evaluate(eval_fn, info.state.params, dev_sets, cfg.eval_batch_size, cfg.buckets)
         is_best = metrics.get("overall", -math.inf) > best
         if is_best:
             best = metrics["overall"]
-            check_finite(state, "training state")
-            ckpt.save_best(global_step, state.params, metrics)
+            check_finite(info.state, "training state", info.step)
+            ckpt.save_best(info.step, info.state.params, metrics)
         c = compiles.summary()  # this process's compile time so far (a resumed run counts from its restart)
-        record = {"step": global_step, "epoch": epoch, **metrics, "best": is_best,
+        record = {"step": info.step, "epoch": info.epoch, **metrics, "best": is_best,
                   "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
                   "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
         if is_main_process():  # multi-host: one writer
@@ -367,46 +380,29 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
                 f.write(json.dumps(record) + "\n")
         log({"event": "eval", **record})
 
-    stopped = None
-    compiles = CompileEvents()
+    def one_step(state, g: int, batches: dict):
+        return step_fn(state, fault(g, batches) if fault is not None else batches, dropout_key)
+
+    loop = Loop(sched, total, should_stop)
+    loop.add_hook(step_metrics.add, every=1)
+    loop.add_hook(log_steps, every=log_every)
+    for hook in (log_steps, save, do_eval):
+        loop.add_hook(hook, epoch_end=True)
     compiles.__enter__()
     try:
         if eval_pending:
-            do_eval((start_step - 1) // steps_per_epoch)
-        epoch, offset = divmod(start_step, steps_per_epoch)
-        while global_step < total and stopped is None:
-            for batches in sched.epoch_batches(epoch, offset):
-                if global_step >= total:
-                    break
-                if should_stop():
-                    stopped = "signal"
-                    break
-                if fault is not None:
-                    batches = fault(global_step, batches)
-                state, m = step_fn(state, batches, dropout_key)
-                global_step += 1
-                pending.append((global_step, m))
-                if global_step % log_every == 0:
-                    flush()
-            flush()
-            check_finite(state, "training state")
-            # saved before the evaluation: a failed (or killed) evaluation never loses the trained steps
-            ckpt.save_state(state, {"epoch": global_step // steps_per_epoch,
-                                    "step_in_epoch": global_step % steps_per_epoch, "best_overall": best,
-                                    "steps_per_epoch": steps_per_epoch, "train_sizes": sizes,
-                                    "train_fingerprint": fingerprint})
-            if stopped is None and (global_step % steps_per_epoch == 0 or global_step >= total):
-                do_eval(epoch)
-            epoch, offset = epoch + 1, 0
+            do_eval(StepInfo(start_step, (start_step - 1) // steps_per_epoch, state, None, boundary=True))
+        state, global_step, stopped = loop.run(one_step, state, start_step)
         best_step = ckpt.best_step()
+        if stopped:
+            log({"event": "stopped", "reason": "signal", "step": global_step})
     finally:
         compiles.__exit__()
         ckpt.close()
-    if stopped:
-        log({"event": "stopped", "reason": stopped, "step": global_step})
+        close_hooks(hooks)
     c = compiles.summary()
     return {**{k: v for k, v in metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")},
-            "best_overall": best, "step": global_step, "stopped": stopped is not None,
+            "best_overall": best, "step": global_step, "stopped": stopped,
             "best_checkpoint": str(run / "best" / str(best_step)) if best_step is not None else None,
             "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
             "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
