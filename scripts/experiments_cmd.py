@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from train.experiments import EXPERIMENTS, HANDOUT_DEV, REPORT_DEV, experiment_config_dict, population_groups, protocol_summary
 
 TASK_COLS = ("sst", "para", "sts", "overall")
@@ -108,6 +110,11 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
     from train.experiments import SOUP_MEMBERS
 
     spec = Path(__file__).resolve().parents[1] / "ensembles" / "report.yaml"
+    missing = [n for n in yaml.safe_load(spec.read_text())["members"].values()
+               if not (results / "runs" / n / "done.json").is_file()]
+    if missing:
+        log(f"[ensembles] skipped: member run(s) not done: {', '.join(missing)}")
+        return {}
     limit = ["--limit", str(dev_limit)] if dev_limit else []
     common = ["--data-dir", str(data_dir), *limit]
     table = results / "ensembles-table.json"
@@ -214,17 +221,21 @@ def findings(runs: dict[str, dict], ensembles: dict[str, dict]) -> list[str]:
         mse = f"; cosine + MSE on para {runs['cosine-mse']['para'] - s['para']:+.3f}" if "cosine-mse" in runs else ""
         line("Cosine heads help STS", f"cosine − sum STS r {e_sts:+.3f}", v_sts)
         line("Cosine heads hurt paraphrase", f"cosine (+CE) − sum para {e_para:+.3f}{mse}", v_para)
-    sweep = ["sum"] + [f"lr{k}e-5" for k in (2, 3, 4, 5, 6)]
-    if all(n in runs for n in sweep):
-        ys = [runs[n]["overall"] for n in sweep]
+    sweep = {k: "sum" if k == 1 else f"lr{k}e-5" for k in (1, 2, 3, 4, 5, 6)}
+    done = {k: n for k, n in sweep.items() if n in runs}
+    if len(done) >= 3:  # the report's lr (1 ... 6) x 1e-5, each x the protocol's lr scale
+        ks = sorted(done)
+        ys = [runs[done[k]]["overall"] for k in ks]
         peak = max(range(len(ys)), key=ys.__getitem__)
         rise = ys[peak] - max(ys[0], ys[-1])
         interior = 0 < peak < len(ys) - 1
         verdict = ("reproduced" if interior and rise > band["overall"] else
                    "inconclusive (within the seed spread)" if rise <= band["overall"] else "not reproduced")
+        not_run = [f"{k}e-5" for k in sweep if k not in done]
         line("Figure 4: overall rises with the learning rate, peaks (at 4e-5) and falls",
-             "overall by lr " + ", ".join(f"{k}e-5 {y:.3f}" for k, y in zip((1, 2, 3, 4, 5, 6), ys))
-             + f"; peak at {peak + 1}e-5 (report: 4e-5), {rise:+.3f} above the better end", verdict)
+             "overall by lr " + ", ".join(f"{k}e-5 {y:.3f}" for k, y in zip(ks, ys))
+             + f"; peak at {ks[peak]}e-5 (report: 4e-5), {rise:+.3f} above the better end"
+             + (f" (not run: {', '.join(not_run)})" if not_run else ""), verdict)
     ens = {n: m for n, m in ensembles.items() if n.startswith("ensemble") and "overall" in m}
     if ens:
         best_ens = max(ens, key=lambda n: ens[n]["overall"])
@@ -373,7 +384,11 @@ def _experiments(args: argparse.Namespace) -> int:
     only = set(args.only.split(",")) if args.only else None
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
-    chosen = [e for e in EXPERIMENTS if not only or e.name in only]
+    if args.report:  # train nothing: the runs already done
+        only = None
+        chosen = [e for e in EXPERIMENTS if (results / "runs" / e.name / "done.json").is_file()]
+    else:
+        chosen = [e for e in EXPERIMENTS if not only or e.name in only]
     by_name = {e.name: e for e in chosen}
     configs = {e.name: experiment_config_dict(args.protocol, e, {"seed": args.seed}) for e in chosen}
     for group in population_groups(configs):
@@ -406,4 +421,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="'embedded' (default) or a local HF BERT directory")
     p.add_argument("--only", default=None, help="comma-separated experiment names (no ensembles / report tables for the rest)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline run")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: REPORT.md, ensembles (when all their member runs are done) and soups from the "
+                        "runs already done")
     p.set_defaults(func=_experiments)

@@ -57,3 +57,10 @@ def test_driver_resumes_and_reports(tmp_path, tiny_data_dir, tiny_vocab_bert_dir
     assert (out / "curves.png").stat().st_size > 1000 and len(done["curve"]) == 2 and done["loss"]
     study = json.loads((out / "study.json").read_text())
     assert study["protocol"] == "tiny" and study["wall_s"] > 0
+    # --report: trains nothing; the ensembles wait for all their members (here most are not run)
+    (out / "REPORT.md").unlink()
+    third = subprocess.run([*cmd[:cmd.index("--only")], "--report", "--no-torch"], capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "[train]" not in third.stderr and "[ensembles] skipped: member run(s) not done: sst-finetune" in third.stderr
+    assert f"{done['overall']:.3f} / 0.666" in (out / "REPORT.md").read_text()
+    assert set(json.loads((out / "study.json").read_text())["runs"]) == {"sum", "sum-seed1", "sst-pretrain"}
