@@ -25,12 +25,13 @@ def _batches(tok, data_dir, lengths: dict[str, int], start: int = 0) -> dict:
 def _run(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3)):
     spec, params = init_model(cfg, jax.random.key(0))
     tx = optimizer(cfg, total_steps=len(schedule))
-    state = init_state(params, tx)
+    state = init_state(params, tx, cfg.combine, len(cfg.tasks))
     step = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, impl=impl)
     metrics = []
     for b in schedule:
         state, m = step(state, b, rng)
         metrics.append({k: float(v) for k, v in m.items()})
+    _run.last_state = state
     return jax.tree.map(np.asarray, state.params), metrics, step
 
 
@@ -107,3 +108,58 @@ def test_a_test_registered_combine_method_trains_in_both_steps(tiny_vocab_bert_d
         C.COMBINE_METHODS.pop("weighted-2-1-1")
     with pytest.raises(ValueError, match=r"combine must be one of \['mean', 'pcgrad', 'sum'\]"):
         TrainConfig(combine="weighted-2-1-1")
+
+
+def test_a_combine_method_with_state(tiny_vocab_bert_dir, tiny_data_dir, tmp_path):
+    """A method with state across steps (the `TrainState.method_state` slot), registered in the test file:
+    task t's gradient is divided by 1 + the sum of its earlier gradient norms (a GradNorm-like reweighting).
+    Reference: two steps by hand (each task's jax.grad, the weights, the optimizer); the state is then
+    checkpointed and restored with the run."""
+    import jax.numpy as jnp
+    import optax
+
+    from train import combine as C
+    from train.checkpoint import Checkpointer
+    from train.step import loss_fn
+
+    def history_weighted(task_grads, key, options, seen):
+        norms = jnp.stack([optax.tree.norm(g) for g in task_grads])
+        scaled = [jax.tree.map(lambda x, w=1.0 + seen[i]: x / w, g) for i, g in enumerate(task_grads)]
+        return C.tree_sum(scaled), seen + norms
+
+    C.register(C.CombineMethod("history-weighted", history_weighted,
+                               init_state=lambda params, n_tasks: jnp.zeros((n_tasks,), jnp.float32)))
+    try:
+        tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+        schedule = [_batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 0),
+                    _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 4)]
+        cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine="history-weighted", lr=1e-3,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+        spec, params = init_model(cfg, jax.random.key(0))
+        tx = optimizer(cfg, total_steps=2)
+        opt_state, seen = tx.init(params), np.zeros(3)
+        for batches in schedule:
+            grads = [jax.grad(loss_fn)(params, spec, t, batches[t], None) for t in cfg.tasks]
+            norms = [float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(g)))) for g in grads]
+            total = jax.tree.map(lambda a, b, c: a / (1 + seen[0]) + b / (1 + seen[1]) + c / (1 + seen[2]), *grads)
+            updates, opt_state = tx.update(total, opt_state, params)
+            params, seen = optax.apply_updates(params, updates), seen + np.asarray(norms)
+        want = jax.tree.map(np.asarray, params)
+        for impl in ("fused", "split"):
+            got, _, _ = _run(cfg, impl, schedule)
+            assert_tree_allclose(got, want, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(_run.last_state.method_state), seen, rtol=1e-5)
+        state = _run.last_state
+        ckpt = Checkpointer(tmp_path / "run", keep=1)
+        try:
+            ckpt.save_state(state, {"epoch": 0})
+            fresh = init_state(init_model(cfg, jax.random.key(0))[1], tx, cfg.combine, len(cfg.tasks))
+            restored, _ = ckpt.restore_state(fresh)
+        finally:
+            ckpt.close()
+        np.testing.assert_array_equal(np.asarray(restored.method_state), np.asarray(state.method_state))
+        assert int(restored.step) == 2
+    finally:
+        C.COMBINE_METHODS.pop("history-weighted")
+    with pytest.raises(ValueError, match="a method with state is not a fixed linear weighting"):
+        C.CombineMethod("bad", history_weighted, loss_weight=lambda n: 1.0, init_state=lambda p, n: ())

@@ -256,6 +256,15 @@ def read_run_config(run: str | Path) -> tuple[TrainConfig, ModelSpec]:
     return cfg, ModelSpec(bert=bert, heads=cfg.heads)
 
 
+def _stored_state(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint stores of `state`: its fields, without an empty `method_state` (a stateless combine
+    method's; so checkpoints written before that slot existed restore unchanged)."""
+    d = state._asdict()
+    if not jax.tree.leaves(d["method_state"]):
+        del d["method_state"]
+    return d
+
+
 class Checkpointer:
     """Latest training state (for --resume) and best-dev params, in one run directory."""
 
@@ -273,7 +282,7 @@ class Checkpointer:
 
         def save() -> None:
             self.latest.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state._asdict()), position=ocp.args.JsonSave(position)), force=True)
+                state=ocp.args.StandardSave(_stored_state(state)), position=ocp.args.JsonSave(position)), force=True)
             self.latest.wait_until_finished()
 
         hint = (f"; the previous checkpoint ({self.run / 'checkpoints' / str(kept)}) is kept: free disk space (or fix "
@@ -309,7 +318,7 @@ class Checkpointer:
         step = self.latest.latest_step() if step is None else step
         if step is None:
             raise RunError(f"{self.run}: no checkpoint to resume from")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target._asdict())
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored_state(target))
         where = self.run / "checkpoints" / str(step)
         stored = _stored_tree(where / "state")
         _check_shapes(abstract["params"], _item(stored, "params"), where)
@@ -317,7 +326,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()), where)
         if not isinstance(out.get("position"), dict):
             raise RunError(f"{where}: checkpoint has no data position (not written by bert-jax train)")
-        return TrainState(**out["state"]), out["position"]
+        return TrainState(**{"method_state": target.method_state, **out["state"]}), out["position"]
 
     def close(self) -> None:
         self.latest.close()

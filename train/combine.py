@@ -10,7 +10,7 @@ Gradients are pytrees `{"bert": encoder, "heads": {task: head}}`, one per task i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -25,12 +25,23 @@ class CombineMethod:
     PRNG key for methods with randomness, e.g. PCGrad's task order; `options`: the config's method options,
     e.g. `pcgrad_reduction`). `loss_weight(n_tasks)`: for a linear method (a fixed weight per task loss),
     that weight, so a fused step can differentiate `sum_t w * loss_t` once instead of once per task; None for a
-    method that needs each task's gradient."""
+    method that needs each task's gradient.
+
+    A method with state across steps (GradNorm's task weights, running statistics) sets
+    `init_state(params, n_tasks) -> state` (a pytree of arrays); its `combine` then takes the state as a
+    fourth argument and returns `(grads, new_state)`. The state lives in `TrainState.method_state`, so it
+    is checkpointed and restored with the run (a stateless method's slot is empty, and not saved)."""
 
     name: str
-    combine: Callable[[Sequence[Params], jax.Array, Mapping[str, Any]], Params]
+    combine: Callable[..., Any]
     loss_weight: Callable[[int], float] | None = None
     doc: str = ""
+    init_state: Callable[[Params, int], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_state is not None and self.loss_weight is not None:
+            raise ValueError(f"combine method {self.name!r}: a method with state is not a fixed linear "
+                             f"weighting (set loss_weight=None)")
 
 
 COMBINE_METHODS: Registry[CombineMethod] = Registry(

@@ -263,7 +263,7 @@ def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, lo
     data.check_vocab(cfg, spec.bert.vocab_size)
     sched, total = data.sched, data.total
     per_epoch = sched.steps_per_epoch
-    states = [init_state(p, optimizer(c, total)) for c, (_, p) in zip(cfgs, inits)]
+    states = [init_state(p, optimizer(c, total), c.combine, len(c.tasks)) for c, (_, p) in zip(cfgs, inits)]
     for run in runs:
         run.mkdir(parents=True, exist_ok=True)
     members = [_Member(c, run, Checkpointer(run, keep=c.keep_checkpoints)) for c, run in zip(cfgs, runs)]

@@ -40,6 +40,7 @@ class TrainState(NamedTuple):
     params: Params
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar
+    method_state: Any = ()  # the gradient-combination method's state (`train.combine`); () when it has none
 
 
 def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
@@ -71,8 +72,13 @@ def optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.Gradien
     return make_optimizer(oc, mask, lr_scale=scale)
 
 
-def init_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+def init_state(params: Params, tx: optax.GradientTransformation, combine: str = "sum",
+               n_tasks: int | None = None) -> TrainState:
+    """The state before the first step; `combine` (with `n_tasks` trained tasks): a method with state
+    initializes its slot."""
+    method = combine_methods.get(combine)
+    method_state = () if method.init_state is None else method.init_state(params, n_tasks)
+    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), method_state=method_state)
 
 
 def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.Array | None) -> jax.Array:
@@ -90,11 +96,15 @@ def _combine_and_update(tx: optax.GradientTransformation, combine: str, pcgrad_r
     """Combine per-task gradients (the registered method `combine`, see `train.combine`), apply the optimizer,
     return (state, metrics)."""
     method = combine_methods.get(combine)
-    grads = method.combine(task_grads, jax.random.fold_in(step_rng, 1_000_003), {"pcgrad_reduction": pcgrad_reduction})
+    args = (task_grads, jax.random.fold_in(step_rng, 1_000_003), {"pcgrad_reduction": pcgrad_reduction})
+    if method.init_state is None:
+        grads, method_state = method.combine(*args), state.method_state
+    else:
+        grads, method_state = method.combine(*args, state.method_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**{f"loss_{t}": l for t, l in losses.items()}, "loss": sum(losses.values()), "grad_norm": optax.tree.norm(grads)}
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1, method_state), metrics
 
 
 def make_split_train_step(

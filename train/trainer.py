@@ -286,7 +286,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     dev_sets, sched, fingerprint, total = data.dev, data.sched, data.fingerprint, data.total
     sizes, steps_per_epoch, skipped = sched.sizes, sched.steps_per_epoch, data.skipped
     tx = optimizer(cfg, total_steps=total)
-    state = init_state(params, tx)
+    state = init_state(params, tx, cfg.combine, len(cfg.tasks))
     if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
         for b in set(cfg.batch_sizes.values()):
             dp.check_batch_size(b)
