@@ -28,9 +28,9 @@ cores, load average), library versions and the settings below.
 
 Process settings, made before jax / torch start their thread pools, for both arms alike: torch uses
 `torch.set_num_threads(os.cpu_count())` (XLA's CPU client uses all cores by default);
-`OMP_WAIT_POLICY=PASSIVE` unless already set (see `prepare_process`); glibc malloc tuned so that
-XLA's per-execution temporary buffer is reused instead of mmapped afresh every step
-(`tune_host_malloc`; `--no-malloc-tuning` measures the default allocator).
+`OMP_WAIT_POLICY=PASSIVE` unless already set; glibc malloc tuned so that XLA's per-execution temporary
+buffer is reused instead of mmapped afresh every step (`scripts.host`, made by every `bert-jax` command,
+training included; `--no-malloc-tuning` measures the default allocator).
 """
 
 from __future__ import annotations
@@ -54,43 +54,6 @@ STEP_TASKS = ("sst", "para", "sts")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def tune_host_malloc() -> bool:
-    """Keep freed host memory for reuse instead of returning it to the OS (glibc only).
-
-    XLA's CPU client allocates each execution's temporary buffer (~1 GB for the train step at
-    batch 8, seq 64) with posix_memalign from a worker thread; glibc serves that from a fresh mmap
-    and munmaps it on free, so every step pays ~250k first-touch page faults (26% of the step's CPU
-    samples in `perf`) plus a ~0.1 s munmap. One arena, no mmap and no trimming make the buffer come
-    from (and return to) the heap. Must run before the XLA / torch thread pools start. Returns
-    whether it was applied.
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-        return bool(libc.mallopt(m_arena_max, 1) and libc.mallopt(m_mmap_max, 0)
-                    and libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
-    except (OSError, AttributeError):
-        return False
-
-
-def prepare_process(malloc: bool) -> dict[str, Any]:
-    """Process settings for both arms, applied before jax / torch start their thread pools.
-
-    OMP_WAIT_POLICY=PASSIVE (unless set): on a loaded machine torch's OpenMP workers otherwise
-    busy-wait at every barrier (measured here under load ~10 on 2 cores: 9.9 CPU-s per baseline
-    step instead of 1.26).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    late = [m for m in ("torch", "jaxlib") if m in sys.modules]
-    return {"omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "malloc_tuned": tune_host_malloc() if malloc else False,
-            "imported_before_setup": late}
 
 
 def cpu_model() -> str:
@@ -513,7 +476,7 @@ def _summary_line(r: dict[str, Any]) -> str:
 def _bench(args: argparse.Namespace) -> int:
     from scripts.cli import UserError
 
-    process = prepare_process(not args.no_malloc_tuning)
+    process = args.process  # made by scripts.cli.main (scripts.host.prepare_process) before any step
 
     if args.reps is None:
         args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3, "population": 10}[args.what]
@@ -559,7 +522,8 @@ def register(subparsers) -> None:
                    help="population: vmap = all members side by side in one vmapped program; loop = one compiled member "
                         "program called per member (default: loop on CPU, vmap else)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults (see tune_host_malloc)")
+    p.add_argument("--no-malloc-tuning", action="store_true", dest="bench_no_malloc_tuning",
+                   help="leave glibc malloc at its defaults (scripts.host.tune_host_malloc; = bert-jax --no-malloc-tuning)")
     p.add_argument("--print-json", action="store_true", help="print the JSON result instead of the summary line")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_bench)

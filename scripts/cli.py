@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cache", default=None, metavar="DIR|off",
                         help="JAX persistent compilation cache (default: $BERT_JAX_COMPILE_CACHE, else "
                              "~/.cache/bert-jax/jax; 'off' disables it)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc malloc at its defaults (scripts.host: by default freed memory is kept for "
+                             "reuse, which saves XLA's CPU steps ~15%% of their time in page faults)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("parity", help="max abs difference of bert_jax vs transformers' BertModel")
@@ -396,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
+    from scripts.host import prepare_process
+
+    args.process = prepare_process(malloc=not (args.no_malloc_tuning or getattr(args, "bench_no_malloc_tuning", False)))
     try:
         if args.command != "parity":
             from train.compilation import enable_cache
