@@ -69,3 +69,13 @@ def test_step_metrics_pull_and_non_finite():
     assert first_non_finite(host)[0] == 2  # a non-watched NaN (acc) alone does not count
     assert first_non_finite([(3, {"loss": [0.1, float("inf")], "grad_norm": [1.0, 2.0]})])[0] == 3
     assert first_non_finite([(3, {"loss": [0.1, 0.2]})]) is None
+
+
+def test_eval_due_every_nth_epoch_and_at_the_end():
+    from train.loop import eval_due
+
+    # 3 epochs of 4 steps, then a run cut at step 10 by max_steps
+    assert [s for s in range(13) if eval_due(s, 4, 12, 1)] == [4, 8, 12]
+    assert [s for s in range(13) if eval_due(s, 4, 12, 3)] == [12]
+    assert [s for s in range(13) if eval_due(s, 4, 12, 2)] == [8, 12]
+    assert [s for s in range(11) if eval_due(s, 4, 10, 3)] == [10]

@@ -357,3 +357,16 @@ def test_cli_user_errors_exit_2(tiny_vocab_bert_dir, tmp_path, capsys):
     rc = cli_main(["train", "--config", "tiny", "--data-dir", str(missing), "--out", str(tmp_path / "run"), "bogus_key=1"])
     err = capsys.readouterr().err
     assert rc == 2 and "bogus_key" in err
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last_step(tiny_vocab_bert_dir, tiny_data_dir, tmp_path):
+    """`eval_every=2` over 3 epochs of 1 step: dev metrics after step 2 (epoch 2) and step 3 (the end) only; the
+    best checkpoint is one of those."""
+    from train.config import resolve_config
+    from train.trainer import train
+
+    cfg = resolve_config("tiny", ["epochs=3", "epoch_policy=1", "eval_every=2", "buckets=[32]"],
+                         checkpoint=str(tiny_vocab_bert_dir))
+    r = train(cfg, tiny_data_dir, tmp_path / "run", tensorboard=False)
+    assert [rec["step"] for rec in _records(tmp_path / "run")] == [2, 3]
+    assert r["step"] == 3 and Path(r["best_checkpoint"]).name in ("2", "3")

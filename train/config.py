@@ -60,8 +60,11 @@ class TrainConfig:
     data_seed: int | None = None  # the data order (shuffles, training subsets); None: `seed`. A population's members
     # share one data order (train/population.py), so a member's config names it here.
     keep_checkpoints: int = 2
+    eval_every: int = 1  # evaluate on dev after every N-th epoch (and always after the last step)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every must be a positive number of epochs, got {self.eval_every!r}")
         combine_methods.get(self.combine)  # an unknown method fails here, listing the registered ones
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
@@ -133,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-cosine": dict(_CPU, heads={"pooling": "mean", "para_head": "cosine", "sts_head": "cosine"}),
     # The accuracy recipe (issue: beat a plain PyTorch fine-tune within 30 minutes on 2 CPU cores), the default
     # of `make train`; README "Accuracy recipe" has the ablation from cpu-sum to here, one change per row.
-    "cpu-recipe": dict(_CPU, batch_size=16, max_len=128, buckets=(16, 24, 32, 48, 64, 96, 128), length_window=32,
+    "cpu-recipe": dict(_CPU, batch_size=16, max_len=128, buckets=(16, 24, 32, 48, 64, 96, 128), length_window=32, eval_every=3,
                        step_impl="split", hidden_dropout=0.1, lr=1e-4, head_lr_scale=10.0, warmup_steps=100,
                        schedule="linear", epochs=3, epoch_policy=250, task_batch_size={"sst": 32},
                        heads={"pooling": "mean", "para_head": "pair", "sts_head": "cosine_relu"}),

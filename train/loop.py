@@ -111,3 +111,9 @@ def first_non_finite(host: Iterable[tuple[int, dict[str, Any]]]) -> tuple[int, d
         if not all(math.isfinite(x) for v in watched(m).values() for x in np.ravel(v)):
             return s, m
     return None
+
+
+def eval_due(step: int, steps_per_epoch: int, total: int, eval_every: int) -> bool:
+    """Whether the dev evaluation runs after global step `step`: at the end of every `eval_every`-th epoch and
+    always at the end of the run (`total` steps)."""
+    return step >= total or (step > 0 and step % steps_per_epoch == 0 and (step // steps_per_epoch) % eval_every == 0)

@@ -41,7 +41,7 @@ from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
 from train.compilation import CompileEvents
 from train.config import TrainConfig
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
-from train.loop import Loop, StepInfo, StepMetrics, first_non_finite
+from train.loop import Loop, StepInfo, StepMetrics, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position, evaluate,
@@ -294,7 +294,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         last = _rewind_metrics(m.run / "metrics.jsonl", start)
         if last.get("step") == start and last.get("best") and isinstance(last.get("overall"), float):
             m.best = max(m.best, last["overall"])
-        pending_eval |= start > 0 and last.get("step") != start and (start % per_epoch == 0 or start >= total)
+        pending_eval |= last.get("step") != start and eval_due(start, per_epoch, total, cfgs[0].eval_every)
     hooks = [TensorBoard(m.run, member=k) for k, m in enumerate(members)] if tensorboard else []
     log = event_hooks(log, hooks)
     impl = default_impl() if impl is None else impl
@@ -336,7 +336,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
                 "steps_per_epoch": per_epoch, "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
 
     def evaluate_all(info: StepInfo) -> None:
-        if not info.boundary:
+        if not info.boundary or not eval_due(info.step, per_epoch, total, cfgs[0].eval_every):
             return
         c = compiles.summary()
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],

@@ -51,7 +51,7 @@ from train.compilation import CompileEvents
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
-from train.loop import Loop, StepInfo, StepMetrics, first_non_finite, watched
+from train.loop import Loop, StepInfo, StepMetrics, eval_due, first_non_finite, watched
 from train.metrics import summarize, task_metric
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.sharding import DataParallel, is_main_process
@@ -62,7 +62,7 @@ from train.step import init_model, init_state, make_eval_fn, make_train_step, op
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
 # (Not "checkpoint": a resumed run keeps its pretrained checkpoint, and its tokenizer, see rundir.check_tokenizer.)
-RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size",
+RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size", "eval_every",
                                "attention_impl", "remat", "scan_layers", "step_impl"})
 
 
@@ -322,8 +322,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     # recorded it, else redo it (before the first step).
     if last_record.get("step") == start_step and last_record.get("best") and isinstance(last_record.get("overall"), float):
         best = max(best, last_record["overall"])
-    eval_pending = (start_step > 0 and last_record.get("step") != start_step
-                    and (start_step % steps_per_epoch == 0 or start_step >= total))
+    eval_pending = last_record.get("step") != start_step and eval_due(start_step, steps_per_epoch, total, cfg.eval_every)
     metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
     step_metrics = StepMetrics()
     timer = {"t": time.perf_counter(), "step": start_step}
@@ -363,7 +362,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
 
     def do_eval(info: StepInfo) -> None:
         nonlocal best, metrics
-        if not info.boundary:
+        if not info.boundary or not eval_due(info.step, steps_per_epoch, total, cfg.eval_every):
             return
         metrics, _ = evaluate(eval_fn, info.state.params, dev_sets, cfg.eval_batch_size, cfg.buckets)
         is_best = metrics.get("overall", -math.inf) > best
