@@ -88,12 +88,12 @@ def group_models(models: Sequence[Model]) -> list[Group]:
     """
     keys: dict[tuple, list[int]] = {}
     for i, m in enumerate(models):
-        keys.setdefault((eval_spec(m.spec), _vocab_digest(m.run), m.cfg.max_len), []).append(i)
+        keys.setdefault((eval_spec(m.spec), _vocab_digest(m.run), m.cfg.data.max_len), []).append(i)
     groups = []
     for (spec, _, max_len), idx in keys.items():
         first = models[idx[0]]
         params = stack([models[i].params for i in idx], names=[str(models[i].run) for i in idx])
-        groups.append(Group(spec, first.run, max_len, tuple(first.cfg.buckets), tuple(idx), params))
+        groups.append(Group(spec, first.run, max_len, tuple(first.cfg.data.buckets), tuple(idx), params))
     return groups
 
 

@@ -36,7 +36,6 @@ training included; `--no-malloc-tuning` measures the default allocator).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -216,15 +215,15 @@ class TorchArm:
         from scripts import torch_baseline as tb
 
         hc = cfg.heads
-        att = cfg.attention_dropout
+        att = cfg.model.attention_dropout
         self.model = tb.build_model(cfg.checkpoint, hc.heads, pooling=hc.pooling, para_head=hc.para_head,
-                                    sts_head=hc.sts_head, hidden_dropout=cfg.hidden_dropout, attention_dropout=att,
+                                    sts_head=hc.sts_head, hidden_dropout=cfg.model.hidden_dropout, attention_dropout=att,
                                     attn_implementation=attn, jax_params=jax.tree.map(np.asarray, jax_params)).to(device)
         self.model.train()
-        self.opt = tb.CS224NAdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+        self.opt = tb.CS224NAdamW(self.model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
         self.fn = tb.make_torch_step(self.model, self.opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction,
-                                     grad_clip=cfg.grad_clip, device=device, autocast_dtype=autocast_dtype)
+                                     grad_clip=cfg.optim.grad_clip, device=device, autocast_dtype=autocast_dtype)
         self.device = device
         torch.manual_seed(0)
 
@@ -284,7 +283,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(cfg.tasks),
         shapes=f"sst [{args.batch},{args.seq}]; para, sts pairs [{args.batch},{args.seq}] x2 (encoder runs [{2 * args.batch},{args.seq}])",
-        hidden_dropout=cfg.hidden_dropout, attention_dropout=jx.spec.bert.attention_probs_dropout_prob,
+        hidden_dropout=cfg.model.hidden_dropout, attention_dropout=jx.spec.bert.attention_probs_dropout_prob,
         compile=jx.events.summary(), a_first_call_s=first_a, b_first_call_s=first_b,
         jax_compiled_shapes=jx.compiled_shapes(), torch_threads=threads, warmup=args.warmup, reps=args.reps,
     )
@@ -348,9 +347,9 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     def one_pass(arm) -> None:
         t0 = time.perf_counter()
-        encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.max_len, args.limit, cross=cfg.heads.cross_tasks)
+        encs, _ = load_encoded(data_dir, cfg.tasks, "train", tok, cfg.data.max_len, args.limit, cross=cfg.heads.cross_tasks)
         data_s["a" if arm is jx else "b"].append(time.perf_counter() - t0)
-        sched = schedule(dataclasses.replace(cfg, epoch_policy="max"), encs, {t: np.arange(len(e)) for t, e in encs.items()})
+        sched = schedule(cfg.with_values({"data.epoch_policy": "max"}), encs, {t: np.arange(len(e)) for t, e in encs.items()})
         sizes, steps = sched.sizes, sched.steps_per_epoch
         last = None
         for batches in sched.epoch_batches(0):
@@ -373,7 +372,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
         f"PyTorch baseline (attn_implementation={args.torch_attn}): the same pass", t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, tasks=list(cfg.tasks), config=args.config,
         limit_per_task=args.limit, train_sizes=info["sizes"], steps_per_pass=info["steps"],
-        max_len=cfg.max_len, buckets=list(cfg.buckets), align_buckets=cfg.align_buckets, compile=jx.events.summary(),
+        max_len=cfg.data.max_len, buckets=list(cfg.data.buckets), align_buckets=cfg.data.align_buckets, compile=jx.events.summary(),
         jax_distinct_batch_shapes=len(jx.shapes), jax_compiled_shapes=jx.compiled_shapes(),
         a_warmup_pass_s=warm_a, b_warmup_pass_s=warm_b, torch_threads=threads, reps=args.reps,
         load_tokenise_median_s={k: float(np.median(v)) for k, v in data_s.items()},
@@ -415,7 +414,7 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
     from train.population import member_configs
 
     base = _cfg(args)
-    cfgs = member_configs(base, [{"lr": base.lr * (1 + k) / args.k * 2, "seed": k} for k in range(args.k)])
+    cfgs = member_configs(base, [{"lr": base.optim.lr * (1 + k) / args.k * 2, "seed": k} for k in range(args.k)])
     from train.population import default_impl
 
     impl = args.population_impl or default_impl()
@@ -444,7 +443,7 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
     return result("population", f"{args.k}-member population step (one program: {how})",
                   f"{args.k} single-run steps, one after another", t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, k=args.k, tasks=list(base.tasks),
-                  members=[{"lr": c.lr, "seed": c.seed} for c in cfgs], population_impl=impl,
+                  members=[{"lr": c.optim.lr, "seed": c.seed} for c in cfgs], population_impl=impl,
                   compile_s=compile_a, compile_b_s=compile_b,
                   a_first_call_s=first_a, b_first_calls_s=firsts_b,
                   run_600_steps_s={"a": compile_a + steps * med_a, "b": compile_b + steps * med_b,

@@ -241,10 +241,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
     tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
-    encs, raw = load_encoded(resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok, cfg.max_len,
+    encs, raw = load_encoded(resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok, cfg.data.max_len,
                              cross=cfg.heads.cross_tasks)
     check_token_ids(encs, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
-    metrics, _ = evaluate(eval_fn, params, encs, cfg.eval_batch_size, cfg.buckets)
+    metrics, _ = evaluate(eval_fn, params, encs, cfg.data.eval_batch_size, cfg.data.buckets)
     print(json_line({"run": args.run, "split": args.split, **metrics}))
     return 0
 
@@ -278,9 +278,9 @@ def _predict(args: argparse.Namespace) -> int:
         td = D.load_task(data_dir, t, args.split, path=args.input, read_labels=False)  # labels are not needed
         if td.skipped:
             print(D.summarize_skipped([td]), file=sys.stderr)
-        enc = D.encode_task(td, tok, cfg.max_len, cross=t in cfg.heads.cross_tasks)
+        enc = D.encode_task(td, tok, cfg.data.max_len, cross=t in cfg.heads.cross_tasks)
         check_token_ids({t: enc}, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
-        scores = predict_scores(eval_fn, params, enc, cfg.eval_batch_size, cfg.buckets)
+        scores = predict_scores(eval_fn, params, enc, cfg.data.eval_batch_size, cfg.data.buckets)
         saved[f"{t}_scores"], saved[f"{t}_ids"] = scores, np.asarray(enc.ids)
         if is_main_process():  # multi-host: every process has the scores, one writes
             path = write_leaderboard_file(out, t, args.split, enc.ids, scores, label=label)

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
         out["step_flops"] = flops
         for name, dtype, attn, t_dtype, t_attn in arms:
-            cfg = TrainConfig(checkpoint=str(ckpt), heads=heads, batch_size=batch, max_len=seq, buckets=(seq,),
-                              hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn)
+            cfg = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=batch, max_len=seq, buckets=(seq,),
+                                             hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn))
             jx = JaxArm(cfg)
             tr = TorchArm(cfg, jx.params0, t_attn, device=torch_device, autocast_dtype=t_dtype)
             batches = synthetic_batches(jx.spec.bert.vocab_size, batch, seq, 0, cross=heads.cross_tasks)
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
             jx = tr = None  # free the arms before the next dtype
         k, pb = 4, (2 if args.dry else 8)
-        base = TrainConfig(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq, buckets=(seq,),
-                           hidden_dropout=0.1, lr=1e-5)
+        base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq, buckets=(seq,),
+                                          hidden_dropout=0.1, lr=1e-5))
         cfgs = member_configs(base, [{"lr": 1e-5 * (i + 1), "seed": i} for i in range(k)])
         pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
         batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, seq, 0, cross=heads.cross_tasks)

@@ -428,7 +428,7 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     import jax
 
     from train.metrics import summarize, task_metric
-    from train.optim import OptimConfig, lr_multipliers, make_schedule
+    from train.optim import lr_multipliers, make_schedule
     from train.step import init_model
     from train.trainer import load_run_data, predict_scores
 
@@ -437,15 +437,15 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     dev_sets, sched, total = data.dev, data.sched, data.total
     _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
-                        sts_head=cfg.heads.sts_head, hidden_dropout=cfg.hidden_dropout,
-                        attention_dropout=cfg.attention_dropout, jax_params=jax.device_get(params))
+                        sts_head=cfg.heads.sts_head, hidden_dropout=cfg.model.hidden_dropout,
+                        attention_dropout=cfg.model.attention_dropout, jax_params=jax.device_get(params))
     scales = None
-    if cfg.head_lr_scale != 1.0 or cfg.layer_lr_decay != 1.0:
-        scales = lr_multipliers(params, cfg.head_lr_scale, cfg.layer_lr_decay)
-    opt = CS224NAdamW(param_groups(model, params["bert"], scales), lr=cfg.lr, betas=(cfg.b1, cfg.b2),
-                      eps=cfg.eps, weight_decay=cfg.weight_decay)
-    schedule = make_schedule(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule))
-    step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.grad_clip,
+    if cfg.optim.head_lr_scale != 1.0 or cfg.optim.layer_lr_decay != 1.0:
+        scales = lr_multipliers(params, cfg.optim.head_lr_scale, cfg.optim.layer_lr_decay)
+    opt = CS224NAdamW(param_groups(model, params["bert"], scales), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
+                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    schedule = make_schedule(dataclasses.replace(cfg.optim, total_steps=total))
+    step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.optim.grad_clip,
                            lr_at=lambda i: float(schedule(i)))
     model.train()
     t0 = time.perf_counter()
@@ -458,5 +458,5 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     eval_fn = lambda _params, task, batch: model.scores(task, to_torch_batch(batch)).float().numpy()  # noqa: E731
     with torch.inference_mode():
         for t, enc in dev_sets.items():
-            metrics[t] = task_metric(t, predict_scores(eval_fn, None, enc, cfg.eval_batch_size, cfg.buckets), enc.labels)
+            metrics[t] = task_metric(t, predict_scores(eval_fn, None, enc, cfg.data.eval_batch_size, cfg.data.buckets), enc.labels)
     return summarize(metrics)

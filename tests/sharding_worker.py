@@ -87,7 +87,7 @@ def main() -> int:
 
     for combo in args.combos.split(","):
         combine, _, extra = combo.partition("+")
-        cfg = TrainConfig(checkpoint=args.bert, combine=combine, lr=1e-3, hidden_dropout=0.1)
+        cfg = TrainConfig.from_dict(dict(checkpoint=args.bert, combine=combine, lr=1e-3, hidden_dropout=0.1))
         spec, params = init_model(cfg, jax.random.key(0))
         host_params = jax.tree.map(np.asarray, params)
         data = data or batches(spec.bert.vocab_size)

@@ -304,7 +304,7 @@ def test_ensemble_cli(runs, tmp_path, tiny_data_dir, loaded, capsys):
     for n in order:
         cfg, mspec, params = loaded[n]
         ef = make_eval_fn(mspec)
-        ref[n] = {t: predict_scores(ef, params, D.encode_task(D.load_task(tiny_data_dir, t, "dev"), tok, cfg.max_len), 32, cfg.buckets)
+        ref[n] = {t: predict_scores(ef, params, D.encode_task(D.load_task(tiny_data_dir, t, "dev"), tok, cfg.data.max_len), 32, cfg.data.buckets)
                   for t in TASKS}
     for t in TASKS:
         for n in order:

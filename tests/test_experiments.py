@@ -15,14 +15,14 @@ def test_every_experiment_config_resolves():
     by = {}
     for exp in EXPERIMENTS:
         by[exp.name] = TrainConfig.from_dict(experiment_config_dict("cpu", exp))
-    assert by["pcgrad"].combine == "pcgrad" and by["mean-drop0.4"].hidden_dropout == 0.4
+    assert by["pcgrad"].combine == "pcgrad" and by["mean-drop0.4"].model.hidden_dropout == 0.4
     assert by["sst-pretrain"].tasks == ("sst",) and not by["sst-pretrain"].finetune
     assert by["cosine"].heads.sts_head == "cosine" and by["cosine"].heads.para_head == "cosine"
     # the cpu protocol scales every lr by the same factor: the sweep keeps the report's ratios
-    assert abs(by["lr5e-5"].lr / by["sum"].lr - 5.0) < 1e-9
+    assert abs(by["lr5e-5"].optim.lr / by["sum"].optim.lr - 5.0) < 1e-9
     assert set(REPORT_DEV) | {"cfimdb-finetune", "cfimdb-pretrain"} >= {e.name for e in EXPERIMENTS}
     assert by["cosine-mse"].heads.para_head == "cosine_mse" and by["cfimdb-finetune"].tasks == ("cfimdb",)
-    assert by["sum"].epochs * by["sum"].epoch_policy >= 600 and by["sum"].dev_limit is None  # the bar
+    assert by["sum"].data.epochs * by["sum"].data.epoch_policy >= 600 and by["sum"].data.dev_limit is None  # the bar
 
 
 def test_population_groups_share_one_architecture():

@@ -17,9 +17,9 @@ from train.trainer import train
 
 
 def _base(ckpt: Path, combine: str) -> TrainConfig:
-    return TrainConfig(checkpoint=str(ckpt), combine=combine, epochs=1, epoch_policy=4, batch_size=4, max_len=32,
+    return TrainConfig.from_dict(dict(checkpoint=str(ckpt), combine=combine, epochs=1, epoch_policy=4, batch_size=4, max_len=32,
                        buckets=(32,), train_limit=48, dev_limit=16, eval_batch_size=16, warmup_steps=1,
-                       schedule="linear", head_lr_scale=3.0)
+                       schedule="linear", head_lr_scale=3.0))
 
 
 MEMBERS = {
@@ -42,7 +42,7 @@ def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp
     from train.population import train_population
 
     cfgs = member_configs(_base(tiny_vocab_bert_dir, combine), MEMBERS[combine])
-    assert {c.data_seed for c in cfgs} == {cfgs[0].seed}  # one data order for all members
+    assert {c.data.data_seed for c in cfgs} == {cfgs[0].seed}  # one data order for all members
     runs = [tmp_path / "pop" / f"m{k}" for k in range(len(cfgs))]
     polls = {"n": 0}
 
@@ -83,7 +83,7 @@ def test_population_axes_and_checks(tiny_vocab_bert_dir):
     base = _base(tiny_vocab_bert_dir, "sum")
     with pytest.raises(ValueError, match="non-linear method \\(pcgrad\\) must be shared"):
         member_configs(base, [{"combine": "sum"}, {"combine": "pcgrad"}])
-    with pytest.raises(ValueError, match="differs from member 0 in 'max_len'"):
+    with pytest.raises(ValueError, match="differs from member 0 in 'data.max_len'"):
         check_population([base, TrainConfig.from_dict(base.to_dict() | {"max_len": 64})])
     with pytest.raises(ValueError, match="hidden_dropout must be in"):
         member_configs(base, [{"hidden_dropout": 0.1}, {"hidden_dropout": 1.5}])
@@ -103,4 +103,4 @@ def test_population_cli_writes_ordinary_runs(tiny_vocab_bert_dir, tiny_data_dir,
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["overall"] == pytest.approx(lines[1]["overall"], abs=1e-6)
     cfg = load_params(out / "lr0.0002-seed3")[0]
-    assert (cfg.lr, cfg.seed, cfg.data_seed) == (2e-4, 3, 3)
+    assert (cfg.optim.lr, cfg.seed, cfg.data.data_seed) == (2e-4, 3, 3)

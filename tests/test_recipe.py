@@ -21,8 +21,8 @@ TINY = ["heads.para_head=cross", "train_limit=48", "dev_limit=24", "epoch_policy
 def test_recipe_preset_is_what_the_readme_says():
     cfg = resolve_config("cpu-recipe")
     assert (cfg.heads.pooling, cfg.heads.sts_head) == ("mean", "cosine_relu")
-    assert cfg.step_impl == "split" and cfg.length_window > 0 and cfg.head_lr_scale > 1
-    assert cfg.schedule == "linear" and cfg.warmup_steps > 0
+    assert cfg.step_impl == "split" and cfg.data.length_window > 0 and cfg.optim.head_lr_scale > 1
+    assert cfg.optim.schedule == "linear" and cfg.optim.warmup_steps > 0
 
 
 @pytest.fixture(scope="module")

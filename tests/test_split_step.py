@@ -22,7 +22,8 @@ def _batches(tok, data_dir, lengths: dict[str, int], start: int = 0) -> dict:
     return out
 
 
-def _run(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3)):
+def _run_state(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3)):
+    """(final train state, per-step metrics, the step function) of `schedule` under `impl`."""
     spec, params = init_model(cfg, jax.random.key(0))
     tx = optimizer(cfg, total_steps=len(schedule))
     state = init_state(params, tx, cfg.combine, len(cfg.tasks))
@@ -31,7 +32,11 @@ def _run(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3
     for b in schedule:
         state, m = step(state, b, rng)
         metrics.append({k: float(v) for k, v in m.items()})
-    _run.last_state = state
+    return state, metrics, step
+
+
+def _run(cfg: TrainConfig, impl: str, schedule: list[dict], rng=jax.random.key(3)):
+    state, metrics, step = _run_state(cfg, impl, schedule, rng)
     return jax.tree.map(np.asarray, state.params), metrics, step
 
 
@@ -42,8 +47,8 @@ def test_split_step_equals_fused_step(tiny_vocab_bert_dir, tiny_data_dir, combin
     schedule = [_batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 0),
                 _batches(tok, tiny_data_dir, {"sst": 32, "para": 32, "sts": 16}, 4),
                 _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 8)]
-    cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine=combine, lr=1e-3, hidden_dropout=0.1,
-                      warmup_steps=1, schedule="linear", head_lr_scale=5.0)
+    cfg = TrainConfig.from_dict(dict(checkpoint=str(tiny_vocab_bert_dir), combine=combine, lr=1e-3, hidden_dropout=0.1,
+                      warmup_steps=1, schedule="linear", head_lr_scale=5.0))
     fused, mf, _ = _run(cfg, "fused", schedule)
     split, ms, _ = _run(cfg, "split", schedule)
     assert_tree_allclose(split, fused, atol=1e-6)
@@ -58,7 +63,7 @@ def test_split_step_compiles_per_task_and_bucket(tiny_vocab_bert_dir, tiny_data_
     tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
     combos = [{"sst": a, "para": b, "sts": 16} for a in (16, 32) for b in (16, 32)]
     schedule = [_batches(tok, tiny_data_dir, c) for c in combos] + [_batches(tok, tiny_data_dir, {"sst": 16, "para": 16, "sts": 32})]
-    cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), lr=1e-4, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = TrainConfig.from_dict(dict(checkpoint=str(tiny_vocab_bert_dir), lr=1e-4, hidden_dropout=0.0, attention_dropout=0.0))
     *_, fused = _run(cfg, "fused", schedule)
     from train.step import _task_grad
 
@@ -93,8 +98,8 @@ def test_a_test_registered_combine_method_trains_in_both_steps(tiny_vocab_bert_d
     try:
         tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
         batches = _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32})
-        cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine="weighted-2-1-1", lr=1e-3,
-                          hidden_dropout=0.0, attention_dropout=0.0)
+        cfg = TrainConfig.from_dict(dict(checkpoint=str(tiny_vocab_bert_dir), combine="weighted-2-1-1", lr=1e-3,
+                          hidden_dropout=0.0, attention_dropout=0.0))
         spec, params = init_model(cfg, jax.random.key(0))
         tx = optimizer(cfg, total_steps=1)
         grads = [jax.grad(loss_fn)(params, spec, t, batches[t], None) for t in cfg.tasks]
@@ -133,8 +138,8 @@ def test_a_combine_method_with_state(tiny_vocab_bert_dir, tiny_data_dir, tmp_pat
         tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
         schedule = [_batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 0),
                     _batches(tok, tiny_data_dir, {"sst": 16, "para": 32, "sts": 32}, 4)]
-        cfg = TrainConfig(checkpoint=str(tiny_vocab_bert_dir), combine="history-weighted", lr=1e-3,
-                          hidden_dropout=0.0, attention_dropout=0.0)
+        cfg = TrainConfig.from_dict(dict(checkpoint=str(tiny_vocab_bert_dir), combine="history-weighted", lr=1e-3,
+                          hidden_dropout=0.0, attention_dropout=0.0))
         spec, params = init_model(cfg, jax.random.key(0))
         tx = optimizer(cfg, total_steps=2)
         opt_state, seen = tx.init(params), np.zeros(3)
@@ -146,10 +151,9 @@ def test_a_combine_method_with_state(tiny_vocab_bert_dir, tiny_data_dir, tmp_pat
             params, seen = optax.apply_updates(params, updates), seen + np.asarray(norms)
         want = jax.tree.map(np.asarray, params)
         for impl in ("fused", "split"):
-            got, _, _ = _run(cfg, impl, schedule)
-            assert_tree_allclose(got, want, atol=1e-6)
-            np.testing.assert_allclose(np.asarray(_run.last_state.method_state), seen, rtol=1e-5)
-        state = _run.last_state
+            state, _, _ = _run_state(cfg, impl, schedule)
+            assert_tree_allclose(jax.tree.map(np.asarray, state.params), want, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(state.method_state), seen, rtol=1e-5)
         ckpt = Checkpointer(tmp_path / "run", keep=1)
         try:
             ckpt.save_state(state, {"epoch": 0})

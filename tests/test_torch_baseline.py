@@ -67,15 +67,15 @@ def _adam_mu(opt_state):
 
 
 def _cfg(ckpt, combine: str, **kw) -> TrainConfig:
-    return TrainConfig(checkpoint=str(ckpt), tasks=TASKS, combine=combine, hidden_dropout=0.0, attention_dropout=0.0,
-                       lr=1e-3, weight_decay=0.01, **kw)
+    return TrainConfig.from_dict(dict(checkpoint=str(ckpt), tasks=TASKS, combine=combine, hidden_dropout=0.0, attention_dropout=0.0,
+                       lr=1e-3, weight_decay=0.01, **kw))
 
 
 def _torch(ckpt, cfg: TrainConfig, params_np, attn: str = "eager"):
     hc = cfg.heads
     model = tb.build_model(ckpt, hc.heads, pooling=hc.pooling, para_head=hc.para_head, sts_head=hc.sts_head,
                            hidden_dropout=0.0, attention_dropout=0.0, attn_implementation=attn, jax_params=params_np)
-    opt = tb.CS224NAdamW(model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = tb.CS224NAdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     return model, opt
 
 
@@ -92,7 +92,7 @@ def _is_fixed(orders) -> bool:
 def _compare(ckpt, cfg, params_np, state, metrics, model, t_metrics):
     for t in TASKS:
         assert abs(float(metrics[f"loss_{t}"]) - t_metrics[f"loss_{t}"]) <= 1e-5, (t, metrics, t_metrics)
-    jax_grads = jax.tree.map(lambda m: np.asarray(m) / (1.0 - cfg.b1), _adam_mu(state.opt_state))
+    jax_grads = jax.tree.map(lambda m: np.asarray(m) / (1.0 - cfg.optim.b1), _adam_mu(state.opt_state))
     torch_grads = tb.to_jax_tree(model, params_np["bert"], "grad")
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(torch_grads["bert"])) > 1e-3  # non-trivial
     assert_tree_allclose(jax_grads, torch_grads, atol=1e-4)
@@ -251,11 +251,11 @@ def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
     hc_t = cfg.heads
     model = tb.build_model(tiny_bert_dir, hc_t.heads, pooling=hc_t.pooling, para_head=hc_t.para_head,
                            sts_head=hc_t.sts_head, hidden_dropout=0.0, attention_dropout=0.0, jax_params=params_np)
-    scales = lr_multipliers(params_np, cfg.head_lr_scale, cfg.layer_lr_decay)
+    scales = lr_multipliers(params_np, cfg.optim.head_lr_scale, cfg.optim.layer_lr_decay)
     groups = tb.param_groups(model, params_np["bert"], scales)
     assert sorted(g["lr_scale"] for g in groups) == pytest.approx(sorted({1.0, 10.0, 0.7, 0.7 ** 2}))  # 2 tiny layers
-    opt = tb.CS224NAdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    schedule = make_schedule(OptimConfig(lr=cfg.lr, total_steps=4, schedule="linear"))
+    opt = tb.CS224NAdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    schedule = make_schedule(OptimConfig(lr=cfg.optim.lr, total_steps=4, schedule="linear"))
     batches = _batches(seed=4)
     batches["para"] = _cross_batch(seed=5)
     tx = optimizer(cfg, total_steps=4)
@@ -266,4 +266,4 @@ def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
     # the embeddings moved by about 0.7**2 of what the top layer's biases did (first Adam step ~ lr * scale)
     emb = np.abs(np.asarray(state.params["bert"]["embeddings"]["LayerNorm"]["bias"]) - params_np["bert"]["embeddings"]["LayerNorm"]["bias"]).max()
     head = np.abs(np.asarray(state.params["heads"]["sst"]["bias"]) - params_np["heads"]["sst"]["bias"]).max()
-    assert emb == pytest.approx(cfg.lr * 0.49, rel=0.05) and head == pytest.approx(cfg.lr * 10, rel=0.05)
+    assert emb == pytest.approx(cfg.optim.lr * 0.49, rel=0.05) and head == pytest.approx(cfg.optim.lr * 10, rel=0.05)

@@ -51,7 +51,7 @@ def fixed_batches(tiny_vocab_bert_dir, tiny_data_dir) -> dict[str, dict[str, np.
 
 def _cfg(ckpt: Path, **kw) -> TrainConfig:
     """No dropout anywhere, so the step's reported losses are the deterministic losses of its input params."""
-    return TrainConfig(**{"checkpoint": str(ckpt), "hidden_dropout": 0.0, "attention_dropout": 0.0, "lr": 3e-3, **kw})
+    return TrainConfig.from_dict({"checkpoint": str(ckpt), "hidden_dropout": 0.0, "attention_dropout": 0.0, "lr": 3e-3, **kw})
 
 
 def _train(cfg: TrainConfig, batches: dict, steps: int):

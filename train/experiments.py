@@ -121,17 +121,15 @@ def protocol_base(protocol: str) -> tuple[str, dict[str, Any], float]:
 
 
 def experiment_config_dict(protocol: str, exp: Experiment, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The full config dict (TrainConfig fields) of one experiment under a protocol."""
-    from train.config import PRESETS, TrainConfig
+    """The full config of one experiment under a protocol, in `TrainConfig.flat()` form (`optim.lr`, ...)."""
+    from train.config import PRESETS, TrainConfig, merge, normalize
 
     preset, base, lr_scale = protocol_base(protocol)
-    d = TrainConfig().to_dict() | PRESETS[preset] | base | (extra or {})
-    ov = dict(exp.overrides)
-    if "heads" in ov:
-        d["heads"] = {**d["heads"], **ov.pop("heads")}
-    d.update(ov)
-    d["lr"] = d.get("lr", BASE_LR) * lr_scale
-    return d
+    d = TrainConfig().to_dict()
+    for part in (PRESETS[preset], base, extra or {}, exp.overrides):
+        d = merge(d, normalize(part))
+    cfg = TrainConfig.from_dict(d)
+    return cfg.with_values({"optim.lr": cfg.optim.lr * lr_scale}).flat()
 
 
 def population_groups(configs: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -152,9 +150,9 @@ def protocol_summary(protocol: str) -> str:
     """One line for REPORT.md: the training settings of the protocol's summed-loss run."""
     _, _, scale = protocol_base(protocol)
     d = experiment_config_dict(protocol, next(e for e in EXPERIMENTS if e.name == "sum"))
-    policy = d["epoch_policy"]
-    steps = (f"{d['epochs']} epoch(s) of {policy} round-robin steps" if isinstance(policy, int)
-             else f"{d['epochs']} epochs (an epoch: the {'largest' if policy == 'max' else 'smallest'} task once)")
-    return (f"batch {d['batch_size']} per task, {steps}, learning rates = the report's × {scale:g} (Sum Losses: "
-            f"{d['lr']:g}), AdamW weight decay {d['weight_decay']:g}, hidden dropout {d['hidden_dropout']:g}, "
-            f"sequences ≤ {d['max_len']} tokens, {d['heads']['pooling']} pooling")
+    policy, epochs = d["data.epoch_policy"], d["data.epochs"]
+    steps = (f"{epochs} epoch(s) of {policy} round-robin steps" if isinstance(policy, int)
+             else f"{epochs} epochs (an epoch: the {'largest' if policy == 'max' else 'smallest'} task once)")
+    return (f"batch {d['data.batch_size']} per task, {steps}, learning rates = the report's × {scale:g} (Sum Losses: "
+            f"{d['optim.lr']:g}), AdamW weight decay {d['optim.weight_decay']:g}, hidden dropout "
+            f"{d['model.hidden_dropout']:g}, sequences ≤ {d['data.max_len']} tokens, {d['heads.pooling']} pooling")

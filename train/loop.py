@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -117,3 +118,22 @@ def eval_due(step: int, steps_per_epoch: int, total: int, eval_every: int) -> bo
     """Whether the dev evaluation runs after global step `step`: at the end of every `eval_every`-th epoch and
     always at the end of the run (`total` steps)."""
     return step >= total or (step > 0 and step % steps_per_epoch == 0 and (step // steps_per_epoch) % eval_every == 0)
+
+
+class StepRate:
+    """Training steps per second between successive `tick`s (the step log's `steps_per_s`)."""
+
+    def __init__(self, start_step: int) -> None:
+        self.t, self.step = time.perf_counter(), start_step
+
+    def tick(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.t, 1e-9)
+        self.t, self.step = now, step
+        return rate
+
+
+def data_position(step: int, steps_per_epoch: int, best_overall: float, train_sizes: dict, fingerprint: dict) -> dict:
+    """The data position saved with a checkpoint (what `--resume` continues from and checks)."""
+    return {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch, "best_overall": best_overall,
+            "steps_per_epoch": steps_per_epoch, "train_sizes": train_sizes, "train_fingerprint": fingerprint}

@@ -41,7 +41,7 @@ gradient clipping then sees only the trainable leaves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
@@ -56,15 +56,28 @@ __all__ = ["OptimConfig", "make_schedule", "scale_by_cs224n_adam", "decoupled_we
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-5
+    """The optimizer of a run (the `optim` section of `train.config.TrainConfig`); `build(total_steps)` makes it."""
+
+    lr: float = 1e-5  # peak learning rate
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-6
     warmup_steps: int = 0
-    total_steps: int | None = None
+    total_steps: int | None = None  # the run's length, given to `build` (never a config key)
     schedule: str = "constant"  # "constant" or "linear" (decay to 0 at total_steps, after warmup)
     grad_clip: float | None = None  # max global grad norm; None = no clipping
+    head_lr_scale: float = 1.0  # the heads' learning rate is lr * head_lr_scale
+    layer_lr_decay: float = 1.0  # layer-wise lr decay: encoder layer l of L gets lr * decay ** (L - 1 - l)
+
+    def build(self, total_steps: int | None = None,
+              trainable_mask: PyTree | Callable[[PyTree], PyTree] | None = None) -> optax.GradientTransformation:
+        """This optimizer for a run of `total_steps` updates (see `make_optimizer`); the lr multipliers
+        (`head_lr_scale`, `layer_lr_decay`) apply to the multitask params tree `{"bert": ..., "heads": ...}`."""
+        scale = None
+        if self.head_lr_scale != 1.0 or self.layer_lr_decay != 1.0:
+            scale = lambda tree: lr_multipliers(tree, self.head_lr_scale, self.layer_lr_decay)
+        return make_optimizer(replace(self, total_steps=total_steps), trainable_mask, lr_scale=scale)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:

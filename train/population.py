@@ -39,15 +39,16 @@ from train import combine as combine_methods
 from train import data as D
 from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
 from train.compilation import CompileEvents
-from train.config import TrainConfig
-from train.tensorboard import TensorBoard, close_hooks, event_hooks
-from train.loop import Loop, StepInfo, StepMetrics, eval_due, first_non_finite
+from train.config import FLAT_ALIASES, TrainConfig
+from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
+from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position, evaluate,
                            load_run_data)
 
-MEMBER_FIELDS = ("lr", "hidden_dropout", "seed", "combine")
+MEMBER_FIELDS = ("optim.lr", "model.hidden_dropout", "seed", "combine")
+_AXES = ", ".join(k.rpartition(".")[2] for k in MEMBER_FIELDS)  # `--population` names (flat aliases; dotted work too)
 
 
 class Hyper(NamedTuple):
@@ -65,18 +66,18 @@ def parse_axes(specs: Sequence[str]) -> list[dict[str, Any]]:
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or not values:
-            raise ValueError(f"--population {spec!r}: expected FIELD=V1,V2,... (fields: {', '.join(MEMBER_FIELDS)})")
-        if key not in MEMBER_FIELDS:
+            raise ValueError(f"--population {spec!r}: expected FIELD=V1,V2,... (fields: {_AXES})")
+        if FLAT_ALIASES.get(key, key) not in MEMBER_FIELDS:
             raise ValueError(f"--population {spec!r}: {key!r} cannot vary within a population; it can vary: "
-                             f"{', '.join(MEMBER_FIELDS)}")
-        if key in axes:
+                             f"{_AXES}")
+        if FLAT_ALIASES.get(key, key) in {FLAT_ALIASES.get(k, k) for k in axes}:
             raise ValueError(f"--population: {key!r} is given twice")
         axes[key] = [_value(key, v) for v in values.split(",")]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def _value(key: str, text: str) -> Any:
-    if key in ("lr", "hidden_dropout"):  # floats (YAML 1.1 would read `1e-5` as a string)
+    if FLAT_ALIASES.get(key, key) in ("optim.lr", "model.hidden_dropout"):  # floats (YAML 1.1 would read `1e-5` as a string)
         try:
             return float(text)
         except ValueError:
@@ -90,8 +91,8 @@ def _value(key: str, text: str) -> Any:
 
 
 def member_name(overrides: dict[str, Any]) -> str:
-    """A run directory name for a member: `lr4e-05-seed1`."""
-    return "-".join(f"{k}{v}" for k, v in overrides.items()) or "member"
+    """A run directory name for a member: `lr4e-05-seed1` (from `lr` or `optim.lr`)."""
+    return "-".join(f"{k.rpartition('.')[2]}{v}" for k, v in overrides.items()) or "member"
 
 
 def member_configs(base: TrainConfig, members: Sequence[dict[str, Any]]) -> list[TrainConfig]:
@@ -99,7 +100,7 @@ def member_configs(base: TrainConfig, members: Sequence[dict[str, Any]]) -> list
     if not members:
         raise ValueError("a population needs at least one member")
     first = TrainConfig.from_dict(base.to_dict() | dict(members[0]))
-    data_seed = base.data_seed if base.data_seed is not None else first.seed
+    data_seed = base.data.data_seed if base.data.data_seed is not None else first.seed
     cfgs = [TrainConfig.from_dict(base.to_dict() | dict(m) | {"data_seed": data_seed}) for m in members]
     check_population(cfgs)
     return cfgs
@@ -107,9 +108,9 @@ def member_configs(base: TrainConfig, members: Sequence[dict[str, Any]]) -> list
 
 def check_population(cfgs: Sequence[TrainConfig]) -> None:
     """Members may differ in `MEMBER_FIELDS` only, and in the combination method only between linear ones."""
-    ref = cfgs[0].to_dict()
+    ref = cfgs[0].flat()
     for i, c in enumerate(cfgs[1:], 1):
-        d = c.to_dict()
+        d = c.flat()
         diff = [k for k in ref if k not in MEMBER_FIELDS and ref[k] != d[k]]
         if diff:
             raise ValueError(f"population member {i} differs from member 0 in {diff[0]!r} ({d[diff[0]]!r} vs "
@@ -120,8 +121,8 @@ def check_population(cfgs: Sequence[TrainConfig]) -> None:
         raise ValueError(f"population members combine losses by {methods}: a non-linear method ({nonlinear[0]}) "
                          f"must be shared by every member; only linear ones (a loss weight) may differ")
     for c in cfgs:
-        if not 0 <= c.hidden_dropout < 1:
-            raise ValueError(f"hidden_dropout must be in [0, 1), got {c.hidden_dropout}")
+        if not 0 <= c.model.hidden_dropout < 1:
+            raise ValueError(f"model.hidden_dropout must be in [0, 1), got {c.model.hidden_dropout}")
 
 
 def hyper(cfgs: Sequence[TrainConfig]) -> Hyper:
@@ -129,8 +130,8 @@ def hyper(cfgs: Sequence[TrainConfig]) -> Hyper:
         w = combine_methods.get(c.combine).loss_weight
         return 1.0 if w is None else float(w(len(c.tasks)))
 
-    return Hyper(lr=jnp.asarray([c.lr for c in cfgs], jnp.float32),
-                 hidden_dropout=jnp.asarray([c.hidden_dropout for c in cfgs], jnp.float32),
+    return Hyper(lr=jnp.asarray([c.optim.lr for c in cfgs], jnp.float32),
+                 hidden_dropout=jnp.asarray([c.model.hidden_dropout for c in cfgs], jnp.float32),
                  loss_weight=jnp.asarray([weight(c) for c in cfgs], jnp.float32),
                  key=jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in cfgs]))
 
@@ -184,7 +185,8 @@ def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int, i
         raise ValueError(f"population impl must be one of {IMPLS}, got {impl!r}")
 
     def one(state: TrainState, h: Hyper, batches: dict[str, D.Batch]):
-        mcfg = dataclasses.replace(cfg, lr=h.lr, hidden_dropout=h.hidden_dropout)
+        mcfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=h.lr),
+                                   model=dataclasses.replace(cfg.model, hidden_dropout=h.hidden_dropout))
         step = fused_step(model_spec(mcfg, bert), optimizer(mcfg, total_steps), cfg.tasks, cfg.combine,
                           cfg.pcgrad_reduction, cfg.finetune, loss_weight=h.loss_weight)
         return step(state, batches, h.key)
@@ -307,7 +309,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
          "skipped": data.skipped, "train_sizes": data.sched.sizes, "members": [m.run.name for m in members]})
     compiles = CompileEvents()
     step_metrics = StepMetrics()
-    timer = {"t": time.perf_counter(), "step": start}
+    rate = StepRate(start)
 
     # the hooks, in the order they run at an epoch end: log the step metrics, checkpoint, evaluate
     def log_steps(info: StepInfo) -> None:
@@ -319,21 +321,17 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
             raise NonFiniteLoss(f"non-finite loss at step {s} (members {', '.join(names) or '?'}); the last good "
                                 f"checkpoints are kept")
         if host:
-            now = time.perf_counter()
             s, m = host[-1]
             log({"event": "step", "step": s, "epoch": s // per_epoch, **m, "loss": sum(m["loss"]) / len(m["loss"]),
-                 "loss_members": m["loss"], "steps_per_s": (s - timer["step"]) / max(now - timer["t"], 1e-9),
-                 "per_step": host})
-            timer.update(t=now, step=s)
+                 "loss_members": m["loss"], "steps_per_s": rate.tick(s), "per_step": host})
 
     def save(info: StepInfo) -> None:
         if not bool(_all_finite(info.state)):
             raise NonFiniteLoss(f"non-finite training state at step {info.step}, not saved; the last good "
                                 f"checkpoints are kept")
         for k, m in enumerate(members):
-            m.ckpt.save_state(member_state(info.state, k), {
-                "epoch": info.step // per_epoch, "step_in_epoch": info.step % per_epoch, "best_overall": m.best,
-                "steps_per_epoch": per_epoch, "train_sizes": data.sched.sizes, "train_fingerprint": data.fingerprint})
+            m.ckpt.save_state(member_state(info.state, k),
+                              data_position(info.step, per_epoch, m.best, data.sched.sizes, data.fingerprint))
 
     def evaluate_all(info: StepInfo) -> None:
         if not info.boundary or not eval_due(info.step, per_epoch, total, cfgs[0].eval_every):
@@ -343,7 +341,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
                  "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
         for k, m in enumerate(members):
             params = member_state(info.state, k).params
-            metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.eval_batch_size, m.cfg.buckets)
+            metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.data.eval_batch_size, m.cfg.data.buckets)
             log({"event": "eval", "member": m.run.name, **m.record(info.step, info.epoch, params, metrics, extra)})
 
     loop = Loop(data.sched, total, should_stop)

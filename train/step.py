@@ -17,12 +17,10 @@ import optax
 
 import bert_jax
 from bert_jax import BertConfig, Params
-from bert_jax.config import BERT_JAX_OPTIONS
 from train import combine as combine_methods
 from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
 from train.losses import task_loss
-from train.optim import OptimConfig, lr_multipliers, make_optimizer
 from train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
@@ -44,13 +42,7 @@ class TrainState(NamedTuple):
 
 
 def model_spec(cfg: TrainConfig, bert: BertConfig) -> ModelSpec:
-    overrides: dict[str, Any] = {k: getattr(cfg, k) for k in BERT_JAX_OPTIONS}  # same names in TrainConfig
-    overrides["hidden_dropout_prob"] = cfg.hidden_dropout
-    if cfg.attention_dropout is not None:
-        overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
-    if cfg.attention_impl == "cudnn":  # cuDNN attention has no dropout (see bert_jax/attention.py)
-        overrides["attention_probs_dropout_prob"] = 0.0
-    return ModelSpec(bert=bert.replace(**overrides), heads=cfg.heads)
+    return ModelSpec(bert=cfg.model.build(bert), heads=cfg.heads)
 
 
 def init_model(cfg: TrainConfig, rng: jax.Array, pretrained: tuple[BertConfig, Params] | None = None
@@ -62,14 +54,10 @@ def init_model(cfg: TrainConfig, rng: jax.Array, pretrained: tuple[BertConfig, P
 
 
 def optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.GradientTransformation:
-    oc = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                     warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.schedule, grad_clip=cfg.grad_clip)
+    """`cfg.optim` built for `total_steps`; a frozen-encoder run (`finetune=False`) trains the heads only."""
     mask = None if cfg.finetune else (lambda params: {"bert": jax.tree.map(lambda _: False, params["bert"]),
                                                       "heads": jax.tree.map(lambda _: True, params["heads"])})
-    scale = None
-    if cfg.head_lr_scale != 1.0 or cfg.layer_lr_decay != 1.0:
-        scale = lambda tree: lr_multipliers(tree, cfg.head_lr_scale, cfg.layer_lr_decay)
-    return make_optimizer(oc, mask, lr_scale=scale)
+    return cfg.optim.build(total_steps, mask)
 
 
 def init_state(params: Params, tx: optax.GradientTransformation, combine: str = "sum",

@@ -51,7 +51,7 @@ from train.compilation import CompileEvents
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
-from train.loop import Loop, StepInfo, StepMetrics, eval_due, first_non_finite, watched
+from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite, watched
 from train.metrics import summarize, task_metric
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.sharding import DataParallel, is_main_process
@@ -62,8 +62,8 @@ from train.step import init_model, init_state, make_eval_fn, make_train_step, op
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
 # (Not "checkpoint": a resumed run keeps its pretrained checkpoint, and its tokenizer, see rundir.check_tokenizer.)
-RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "keep_checkpoints", "eval_batch_size", "eval_every",
-                               "attention_impl", "remat", "scan_layers", "step_impl"})
+RESUMABLE_CHANGES = frozenset({"data.max_steps", "data.epochs", "keep_checkpoints", "data.eval_batch_size", "eval_every",
+                               "model.attention_impl", "model.remat", "model.scan_layers", "step_impl"})
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,8 +81,8 @@ def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
     """A resumed run must continue the same training: only RESUMABLE_CHANGES may differ from RUN/config.yaml."""
     if not (run / "config.yaml").is_file():
         return
-    saved = read_run_config(run)[0].to_dict()
-    now = cfg.to_dict()
+    saved = read_run_config(run)[0].flat()  # a run written with flat keys (before the sections) compares the same
+    now = cfg.flat()
     diff = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {saved[k]!r} in the run, {now.get(k)!r} now" for k in diff[:4])
@@ -169,8 +169,8 @@ def scored_tasks(heads: tuple[str, ...], extra: tuple[str, ...] = ()) -> tuple[s
 
 def schedule(cfg: TrainConfig, train_sets: dict[str, D.Encoded], subsets: dict[str, np.ndarray]) -> D.Schedule:
     """`cfg`'s step schedule over the training subsets (see `train.data.Schedule`)."""
-    return D.Schedule(train_sets, subsets, cfg.batch_sizes, cfg.order_seed, cfg.epoch_policy, cfg.buckets, cfg.align_buckets,
-                      cfg.length_window)
+    return D.Schedule(train_sets, subsets, cfg.batch_sizes, cfg.order_seed, cfg.data.epoch_policy, cfg.data.buckets,
+                      cfg.data.align_buckets, cfg.data.length_window)
 
 
 def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: int, buckets) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -207,13 +207,13 @@ def load_run_data(cfg: TrainConfig, data_dir: Path) -> RunData:
     """Load and tokenize `cfg`'s training and dev data; its training subsets and step schedule."""
     tokenizer = bert_jax.load_tokenizer(cfg.checkpoint)
     cross = cfg.heads.cross_tasks
-    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.max_len, cross=cross)
+    train_sets, raw_train = load_encoded(data_dir, cfg.tasks, "train", tokenizer, cfg.data.max_len, cross=cross)
     eval_tasks = scored_tasks(cfg.heads.heads, extra=cfg.tasks)
-    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.max_len, cfg.dev_limit, cross=cross)
-    subsets = {t: _subset(len(e), cfg.train_limit, cfg.order_seed) for t, e in train_sets.items()}
+    dev_sets, raw_dev = load_encoded(data_dir, eval_tasks, "dev", tokenizer, cfg.data.max_len, cfg.data.dev_limit, cross=cross)
+    subsets = {t: _subset(len(e), cfg.data.train_limit, cfg.order_seed) for t, e in train_sets.items()}
     sched = schedule(cfg, train_sets, subsets)
     per_epoch = sched.steps_per_epoch
-    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    total = cfg.data.epochs * per_epoch if cfg.data.max_steps is None else min(cfg.data.max_steps, cfg.data.epochs * per_epoch)
     return RunData(train_sets, dev_sets, D.summarize_skipped(raw_train + raw_dev), sched,
                    {t: data_fingerprint(train_sets[t], subsets[t]) for t in sorted(train_sets)}, total)
 
@@ -254,7 +254,7 @@ def train(
     `should_stop()` is polled every step: when it turns true the state is checkpointed and training
     returns with `stopped=True` (used for SIGINT/SIGTERM). `fault(step, batches)` is a test hook that
     may rewrite a step's batches (fault injection). `dp` (train.sharding): data-parallel over its mesh;
-    `cfg.batch_size` must be divisible by the mesh size. `run_dir` must be new, empty or a bert-jax run
+    `cfg.data.batch_size` must be divisible by the mesh size. `run_dir` must be new, empty or a bert-jax run
     (then `resume`, or `overwrite`: its bert-jax files are deleted, announced by an "overwrite" event, once
     the new run's data and model have loaded); it is locked (RUN/.lock) for the whole call, by process 0.
     `tensorboard`: also write the log events to RUN/tensorboard (`train.tensorboard`).
@@ -325,7 +325,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     eval_pending = last_record.get("step") != start_step and eval_due(start_step, steps_per_epoch, total, cfg.eval_every)
     metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
     step_metrics = StepMetrics()
-    timer = {"t": time.perf_counter(), "step": start_step}
+    rate = StepRate(start_step)
     compiles = CompileEvents()
 
     def kept() -> str:
@@ -347,24 +347,19 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
             raise NonFiniteLoss(f"non-finite loss at step {bad[0]} ("
                                 + ", ".join(f"{k}={v:.4g}" for k, v in watched(bad[1]).items()) + "); " + kept())
         if host:
-            now = time.perf_counter()
             s, m = host[-1]
-            log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m,
-                 "steps_per_s": (s - timer["step"]) / max(now - timer["t"], 1e-9), "per_step": host})
-            timer.update(t=now, step=s)
+            log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m, "steps_per_s": rate.tick(s), "per_step": host})
 
     def save(info: StepInfo) -> None:
         check_finite(info.state, "training state", info.step)
         # saved before the evaluation: a failed (or killed) evaluation never loses the trained steps
-        ckpt.save_state(info.state, {"epoch": info.step // steps_per_epoch, "step_in_epoch": info.step % steps_per_epoch,
-                                     "best_overall": best, "steps_per_epoch": steps_per_epoch, "train_sizes": sizes,
-                                     "train_fingerprint": fingerprint})
+        ckpt.save_state(info.state, data_position(info.step, steps_per_epoch, best, sizes, fingerprint))
 
     def do_eval(info: StepInfo) -> None:
         nonlocal best, metrics
         if not info.boundary or not eval_due(info.step, steps_per_epoch, total, cfg.eval_every):
             return
-        metrics, _ = evaluate(eval_fn, info.state.params, dev_sets, cfg.eval_batch_size, cfg.buckets)
+        metrics, _ = evaluate(eval_fn, info.state.params, dev_sets, cfg.data.eval_batch_size, cfg.data.buckets)
         is_best = metrics.get("overall", -math.inf) > best
         if is_best:
             best = metrics["overall"]
