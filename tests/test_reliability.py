@@ -368,7 +368,7 @@ def test_failed_restore_silences_asyncio_echoes(tmp_path, monkeypatch) -> None:
     ("no_checkpoints", "evaluate", "no checkpoint found"),
     ("hf_dir", "evaluate", "not a bert-jax run directory"),
     ("missing", "predict", "run directory not found"),
-    ("other_config", "resume", "--resume with a different config (lr: 0.003 in the run, 0.5 now)"),
+    ("other_config", "resume", "--resume with a different config (optim.lr: 0.003 in the run, 0.5 now)"),
     ("other_data", "resume", "the training data changed since this checkpoint"),
 ])
 def test_bad_run_directory_is_a_one_line_user_error(breakage, command, message, bad_run, tmp_path, capsys,
