@@ -83,6 +83,11 @@ FLAT_ALIASES: dict[str, str] = {f.name: f"{sec}.{f.name}" for sec in ("model", "
                                 for f in dataclasses.fields(SECTIONS[sec]) if f.name != "total_steps"}
 
 
+def canonical_key(key: str) -> str:
+    """`lr` -> `optim.lr`; a dotted or run-level key as given."""
+    return FLAT_ALIASES.get(key, key)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on (written to RUN/config.yaml). Defaults are the report's (§5.3).
@@ -178,7 +183,7 @@ def normalize(d: dict[str, Any]) -> dict[str, Any]:
         else:
             later.append((k, v))
     for k, v in later:  # dotted and flat keys apply after the sections
-        path = FLAT_ALIASES.get(k, k)
+        path = canonical_key(k)
         sec, _, key = path.partition(".")
         if sec not in SECTIONS or not key:
             known = sorted(top) + sorted(f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)

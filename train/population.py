@@ -39,7 +39,7 @@ from train import combine as combine_methods
 from train import data as D
 from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
 from train.compilation import CompileEvents
-from train.config import FLAT_ALIASES, TrainConfig
+from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
@@ -67,17 +67,17 @@ def parse_axes(specs: Sequence[str]) -> list[dict[str, Any]]:
         key, sep, values = spec.partition("=")
         if not sep or not values:
             raise ValueError(f"--population {spec!r}: expected FIELD=V1,V2,... (fields: {_AXES})")
-        if FLAT_ALIASES.get(key, key) not in MEMBER_FIELDS:
+        if canonical_key(key) not in MEMBER_FIELDS:
             raise ValueError(f"--population {spec!r}: {key!r} cannot vary within a population; it can vary: "
                              f"{_AXES}")
-        if FLAT_ALIASES.get(key, key) in {FLAT_ALIASES.get(k, k) for k in axes}:
+        if canonical_key(key) in {canonical_key(k) for k in axes}:
             raise ValueError(f"--population: {key!r} is given twice")
         axes[key] = [_value(key, v) for v in values.split(",")]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def _value(key: str, text: str) -> Any:
-    if FLAT_ALIASES.get(key, key) in ("optim.lr", "model.hidden_dropout"):  # floats (YAML 1.1 would read `1e-5` as a string)
+    if canonical_key(key) in ("optim.lr", "model.hidden_dropout"):  # floats (YAML 1.1 would read `1e-5` as a string)
         try:
             return float(text)
         except ValueError:
