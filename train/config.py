@@ -77,10 +77,17 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # The sub-configs, each a section of config.yaml and of `key=value` overrides (`optim.lr=3e-5`).
 SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "heads": HeadConfig}
+
+
+def section_keys(sec: str) -> tuple[str, ...]:
+    """The config keys of section `sec`: its dataclass fields, less `optim.total_steps` (the run's length, given to
+    `OptimConfig.build`, never configured)."""
+    return tuple(f.name for f in dataclasses.fields(SECTIONS[sec]) if f.name != "total_steps")
+
+
 # Flat names of the model / optim / data keys (config.yaml of runs written before the sections existed, and short
 # overrides such as `lr=3e-5`): each key name is unique across those sections, so it names one place.
-FLAT_ALIASES: dict[str, str] = {f.name: f"{sec}.{f.name}" for sec in ("model", "optim", "data")
-                                for f in dataclasses.fields(SECTIONS[sec]) if f.name != "total_steps"}
+FLAT_ALIASES: dict[str, str] = {k: f"{sec}.{k}" for sec in ("model", "optim", "data") for k in section_keys(sec)}
 
 
 def canonical_key(key: str) -> str:
@@ -186,12 +193,11 @@ def normalize(d: dict[str, Any]) -> dict[str, Any]:
         path = canonical_key(k)
         sec, _, key = path.partition(".")
         if sec not in SECTIONS or not key:
-            known = sorted(top) + sorted(f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)
-                                         if f.name != "total_steps")
+            known = sorted(top) + sorted(f"{s}.{n}" for s in SECTIONS for n in section_keys(s))
             raise ValueError(f"unknown config key(s): {k} (known: {', '.join(known)})")
         out[sec][key] = v
-    for sec, c in SECTIONS.items():
-        names = {f.name for f in dataclasses.fields(c)} - {"total_steps"}
+    for sec in SECTIONS:
+        names = set(section_keys(sec))
         bad = sorted(set(out[sec]) - names)
         if bad:
             raise ValueError(f"unknown config key(s): {', '.join(f'{sec}.{b}' for b in bad)} "

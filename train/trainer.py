@@ -267,25 +267,31 @@ def train(
         return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite, tensorboard)
 
 
-def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
-               log: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool], log_every: int,
-               fault: Callable[[int, dict], dict] | None, dp: DataParallel | None, overwrite: bool,
-               tensorboard: bool) -> dict[str, Any]:
-    """`train`'s body, in a locked and checked run directory."""
-    t_start = time.perf_counter()
-    data_dir = D.resolve_data_dir(data_dir)
+@dataclasses.dataclass
+class _Start:
+    """A run's starting point (`_restore_or_init`): its data, model, optimizer, and the state to train from."""
+
+    data: RunData
+    spec: Any  # train.step.ModelSpec
+    tx: Any  # optax.GradientTransformation
+    state: Any  # train.step.TrainState (restored, or initialised from the pretrained checkpoint)
+    ckpt: Checkpointer
+    position: dict[str, Any]  # the data position the state was saved at (fresh: epoch 0, step 0)
+
+
+def _restore_or_init(cfg: TrainConfig, data_dir: Path, run: Path, resume: bool, overwrite: bool,
+                     dp: DataParallel | None, log: Callable[[dict[str, Any]], None]) -> _Start:
+    """Load the data and the pretrained model, then restore RUN's last checkpoint (`resume`) or start fresh.
+    Every check that can refuse the run happens before anything in RUN changes."""
     if not resume and not overwrite and (has_steps(run / "checkpoints") or has_steps(run / "best")):
         raise RunError(f"{run}: run directory already has checkpoints (use --resume, or a new --out)")
     if resume:
         _check_resume_config(run, cfg)
         check_tokenizer(run, tokenizer_files(cfg.checkpoint), cfg.checkpoint)
     data = load_run_data(cfg, data_dir)
-    base = jax.random.key(cfg.seed)
-    spec, params = init_model(cfg, jax.random.fold_in(base, 0))
+    spec, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     data.check_vocab(cfg, spec.bert.vocab_size)
-    dev_sets, sched, fingerprint, total = data.dev, data.sched, data.fingerprint, data.total
-    sizes, steps_per_epoch, skipped = sched.sizes, sched.steps_per_epoch, data.skipped
-    tx = optimizer(cfg, total_steps=total)
+    tx = optimizer(cfg, total_steps=data.total)
     state = init_state(params, tx, cfg.combine, len(cfg.tasks))
     if dp is not None:  # placed before any restore, so a resumed state is restored with these shardings
         for b in set(cfg.batch_sizes.values()):
@@ -299,94 +305,121 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     if resume and ckpt.latest_step() is not None:
         try:
             state, position = ckpt.restore_state(state)
-            check_position(run / "checkpoints" / str(int(state.step)), position, sizes, fingerprint, steps_per_epoch)
+            check_position(run / "checkpoints" / str(int(state.step)), position, data.sched.sizes, data.fingerprint,
+                           data.sched.steps_per_epoch)
         except BaseException:
             ckpt.close()
             raise
-    start_step = int(state.step)
-    # only now that the resume is known to be valid: a refused --resume leaves the run untouched
-    write_run_files(run, cfg, spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
-    last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
-    hooks = [TensorBoard(run)] if tensorboard else []
-    log = event_hooks(log, hooks)
+    return _Start(data, spec, tx, state, ckpt, position)
 
-    step_fn = make_train_step(spec, tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
-                              impl=cfg.step_impl)
-    eval_fn = make_eval_fn(spec, dp)
-    dropout_key = jax.random.fold_in(base, 1)
-    log({"event": "start", "total_steps": total, "steps_per_epoch": steps_per_epoch, "start_step": start_step,
-         "skipped": skipped, "train_sizes": sizes})
 
-    best = position["best_overall"]
-    # An epoch-end checkpoint is saved before its evaluation: fold in that evaluation when metrics.jsonl
-    # recorded it, else redo it (before the first step).
-    if last_record.get("step") == start_step and last_record.get("best") and isinstance(last_record.get("overall"), float):
-        best = max(best, last_record["overall"])
-    eval_pending = last_record.get("step") != start_step and eval_due(start_step, steps_per_epoch, total, cfg.eval_every)
-    metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
-    step_metrics = StepMetrics()
-    rate = StepRate(start_step)
-    compiles = CompileEvents()
+class _EpochEnd:
+    """The hooks a run calls at every epoch end (and at a stop), in this order: `log_steps` (flush the step
+    metrics, refuse non-finite losses), `save` (checkpoint the training state), `evaluate` (dev metrics when due,
+    the best checkpoint, metrics.jsonl). Holds what they share: the best dev overall and the last dev metrics."""
 
-    def kept() -> str:
-        last = ckpt.latest_step()
+    def __init__(self, cfg: TrainConfig, run: Path, start: _Start, eval_fn, log: Callable[[dict[str, Any]], None],
+                 t_start: float, compiles: CompileEvents, last_record: dict[str, Any]):
+        self.cfg, self.run, self.ckpt, self.eval_fn, self.log = cfg, run, start.ckpt, eval_fn, log
+        self.data, self.t_start, self.compiles = start.data, t_start, compiles
+        self.per_epoch = start.data.sched.steps_per_epoch
+        self.step_metrics, self.rate = StepMetrics(), StepRate(int(start.state.step))
+        self.best = start.position["best_overall"]
+        # An epoch-end checkpoint is saved before its evaluation: fold in that evaluation when metrics.jsonl
+        # recorded it (else the caller redoes it before the first step, see `eval_pending`).
+        if (last_record.get("step") == int(start.state.step) and last_record.get("best")
+                and isinstance(last_record.get("overall"), float)):
+            self.best = max(self.best, last_record["overall"])
+        self.metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
+
+    def kept(self) -> str:
+        last = self.ckpt.latest_step()
         if last is None:
             return "training stopped before its first checkpoint was written"
-        return f"training stopped; the last good checkpoint (step {last}) in {run / 'checkpoints'} is kept"
+        return f"training stopped; the last good checkpoint (step {last}) in {self.run / 'checkpoints'} is kept"
 
-    def check_finite(tree, what: str, step: int) -> None:
+    def check_finite(self, tree, what: str, step: int) -> None:
         """Never save non-finite values (they would become the latest / best checkpoint)."""
         if not bool(_all_finite(tree)):
-            raise NonFiniteLoss(f"non-finite {what} at step {step}, not saved; " + kept())
+            raise NonFiniteLoss(f"non-finite {what} at step {step}, not saved; " + self.kept())
 
-    # the hooks, in the order they run at an epoch end: log the step metrics, checkpoint, evaluate
-    def log_steps(info: StepInfo) -> None:
-        host = step_metrics.pull()
+    def log_steps(self, info: StepInfo) -> None:
+        host = self.step_metrics.pull()
         bad = first_non_finite(host)
         if bad is not None:
             raise NonFiniteLoss(f"non-finite loss at step {bad[0]} ("
-                                + ", ".join(f"{k}={v:.4g}" for k, v in watched(bad[1]).items()) + "); " + kept())
+                                + ", ".join(f"{k}={v:.4g}" for k, v in watched(bad[1]).items()) + "); " + self.kept())
         if host:
             s, m = host[-1]
-            log({"event": "step", "step": s, "epoch": s // steps_per_epoch, **m, "steps_per_s": rate.tick(s), "per_step": host})
+            self.log({"event": "step", "step": s, "epoch": s // self.per_epoch, **m, "steps_per_s": self.rate.tick(s),
+                      "per_step": host})
 
-    def save(info: StepInfo) -> None:
-        check_finite(info.state, "training state", info.step)
+    def save(self, info: StepInfo) -> None:
+        self.check_finite(info.state, "training state", info.step)
         # saved before the evaluation: a failed (or killed) evaluation never loses the trained steps
-        ckpt.save_state(info.state, data_position(info.step, steps_per_epoch, best, sizes, fingerprint))
+        d = self.data
+        self.ckpt.save_state(info.state, data_position(info.step, self.per_epoch, self.best, d.sched.sizes, d.fingerprint))
 
-    def do_eval(info: StepInfo) -> None:
-        nonlocal best, metrics
-        if not info.boundary or not eval_due(info.step, steps_per_epoch, total, cfg.eval_every):
+    def evaluate(self, info: StepInfo) -> None:
+        if not info.boundary or not eval_due(info.step, self.per_epoch, self.data.total, self.cfg.eval_every):
             return
-        metrics, _ = evaluate(eval_fn, info.state.params, dev_sets, cfg.data.eval_batch_size, cfg.data.buckets)
-        is_best = metrics.get("overall", -math.inf) > best
+        self.metrics, _ = evaluate(self.eval_fn, info.state.params, self.data.dev, self.cfg.data.eval_batch_size,
+                                   self.cfg.data.buckets)
+        is_best = self.metrics.get("overall", -math.inf) > self.best
         if is_best:
-            best = metrics["overall"]
-            check_finite(info.state, "training state", info.step)
-            ckpt.save_best(info.step, info.state.params, metrics)
-        c = compiles.summary()  # this process's compile time so far (a resumed run counts from its restart)
-        record = {"step": info.step, "epoch": info.epoch, **metrics, "best": is_best,
-                  "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
-                  "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+            self.best = self.metrics["overall"]
+            self.check_finite(info.state, "training state", info.step)
+            self.ckpt.save_best(info.step, info.state.params, self.metrics)
+        record = {"step": info.step, "epoch": info.epoch, **self.metrics, "best": is_best,
+                  "wall_s": round(time.perf_counter() - self.t_start, 1), **_compile_record(self.compiles)}
         if is_main_process():  # multi-host: one writer
-            with open(run / "metrics.jsonl", "a") as f:
+            with open(self.run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        log({"event": "eval", **record})
+        self.log({"event": "eval", **record})
+
+
+def _compile_record(compiles: CompileEvents) -> dict[str, Any]:
+    """This process's compile time so far (a resumed run counts from its restart), as metrics.jsonl records it."""
+    c = compiles.summary()
+    return {"compile_s": c["total_s"], "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+
+
+def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
+               log: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool], log_every: int,
+               fault: Callable[[int, dict], dict] | None, dp: DataParallel | None, overwrite: bool,
+               tensorboard: bool) -> dict[str, Any]:
+    """`train`'s body, in a locked and checked run directory: restore-or-init, then the step loop with its hooks."""
+    t_start = time.perf_counter()
+    start = _restore_or_init(cfg, D.resolve_data_dir(data_dir), run, resume, overwrite, dp, log)
+    data, ckpt, start_step = start.data, start.ckpt, int(start.state.step)
+    # only now that the resume is known to be valid: a refused --resume leaves the run untouched
+    write_run_files(run, cfg, start.spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
+    last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
+    hooks = [TensorBoard(run)] if tensorboard else []
+    log = event_hooks(log, hooks)
+    step_fn = make_train_step(start.spec, start.tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
+                              impl=cfg.step_impl)
+    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    per_epoch = data.sched.steps_per_epoch
+    log({"event": "start", "total_steps": data.total, "steps_per_epoch": per_epoch, "start_step": start_step,
+         "skipped": data.skipped, "train_sizes": data.sched.sizes})
+    compiles = CompileEvents()
+    end = _EpochEnd(cfg, run, start, make_eval_fn(start.spec, dp), log, t_start, compiles, last_record)
+    eval_pending = last_record.get("step") != start_step and eval_due(start_step, per_epoch, data.total, cfg.eval_every)
 
     def one_step(state, g: int, batches: dict):
         return step_fn(state, fault(g, batches) if fault is not None else batches, dropout_key)
 
-    loop = Loop(sched, total, should_stop)
-    loop.add_hook(step_metrics.add, every=1)
-    loop.add_hook(log_steps, every=log_every)
-    for hook in (log_steps, save, do_eval):
+    loop = Loop(data.sched, data.total, should_stop)
+    loop.add_hook(end.step_metrics.add, every=1)
+    loop.add_hook(end.log_steps, every=log_every)
+    for hook in (end.log_steps, end.save, end.evaluate):
         loop.add_hook(hook, epoch_end=True)
     compiles.__enter__()
     try:
         if eval_pending:
-            do_eval(StepInfo(start_step, (start_step - 1) // steps_per_epoch, state, None, boundary=True))
-        state, global_step, stopped = loop.run(one_step, state, start_step)
+            end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
+        state, global_step, stopped = loop.run(one_step, start.state, start_step)
         best_step = ckpt.best_step()
         if stopped:
             log({"event": "stopped", "reason": "signal", "step": global_step})
@@ -394,9 +427,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
         compiles.__exit__()
         ckpt.close()
         close_hooks(hooks)
-    c = compiles.summary()
-    return {**{k: v for k, v in metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")},
-            "best_overall": best, "step": global_step, "stopped": stopped,
+    dev = {k: v for k, v in end.metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")}
+    return {**dev, "best_overall": end.best, "step": global_step, "stopped": stopped,
             "best_checkpoint": str(run / "best" / str(best_step)) if best_step is not None else None,
-            "wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
-            "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+            "wall_s": round(time.perf_counter() - t_start, 1), **_compile_record(compiles)}
