@@ -44,8 +44,8 @@ from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eva
 from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
-from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position, evaluate,
-                           load_run_data)
+from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
+                           compile_record, evaluate, load_run_data)
 
 MEMBER_FIELDS = ("optim.lr", "model.hidden_dropout", "seed", "combine")
 _AXES = ", ".join(k.rpartition(".")[2] for k in MEMBER_FIELDS)  # `--population` names (flat aliases; dotted work too)
@@ -277,17 +277,24 @@ def _train(cfgs: list[TrainConfig], runs: list[Path], data_dir, resume: bool, lo
             m.ckpt.close()
 
 
+def _restore_members(members: list[_Member], states: list, data, per_epoch: int) -> None:
+    """Restore every member's state (in place in `states`) from the latest checkpoint step all members have."""
+    if not all(m.ckpt.latest_step() is not None for m in members):
+        return
+    common = min(m.ckpt.latest_step() for m in members)
+    for k, m in enumerate(members):
+        if common not in m.ckpt.latest.all_steps():
+            raise RunError(f"{m.run}: no checkpoint at step {common}, the latest step every member has; "
+                           f"train the population into a new --out")
+        states[k], position = m.ckpt.restore_state(states[k], step=common)
+        check_position(m.run / "checkpoints" / str(common), position, data.sched.sizes, data.fingerprint, per_epoch)
+        m.best = position["best_overall"]
+
+
 def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoch: int, resume: bool, log, should_stop,
           log_every: int, t_start: float, impl: Impl | None, tensorboard: bool) -> list[dict[str, Any]]:
-    if resume and all(m.ckpt.latest_step() is not None for m in members):
-        common = min(m.ckpt.latest_step() for m in members)
-        for k, m in enumerate(members):
-            if common not in m.ckpt.latest.all_steps():
-                raise RunError(f"{m.run}: no checkpoint at step {common}, the latest step every member has; "
-                               f"train the population into a new --out")
-            states[k], position = m.ckpt.restore_state(states[k], step=common)
-            check_position(m.run / "checkpoints" / str(common), position, data.sched.sizes, data.fingerprint, per_epoch)
-            m.best = position["best_overall"]
+    if resume:
+        _restore_members(members, states, data, per_epoch)
     start = int(states[0].step)
     vocab = bert_jax.resolve_checkpoint(cfgs[0].checkpoint) / "vocab.txt"
     pending_eval = False
@@ -336,9 +343,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     def evaluate_all(info: StepInfo) -> None:
         if not info.boundary or not eval_due(info.step, per_epoch, total, cfgs[0].eval_every):
             return
-        c = compiles.summary()
-        extra = {"wall_s": round(time.perf_counter() - t_start, 1), "compile_s": c["total_s"],
-                 "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+        extra = {"wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
         for k, m in enumerate(members):
             params = member_state(info.state, k).params
             metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.data.eval_batch_size, m.cfg.data.buckets)
@@ -359,13 +364,11 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     finally:
         compiles.__exit__()
         close_hooks(hooks)
-    c = compiles.summary()
     wall = round(time.perf_counter() - t_start, 1)
     out = []
     for m in members:
         best_step = m.ckpt.best_step()
         out.append({"member": m.run.name, **m.metrics, "best_overall": m.best, "step": step, "stopped": stopped,
                     "best_checkpoint": str(m.run / "best" / str(best_step)) if best_step is not None else None,
-                    "wall_s": wall, "compile_s": c["total_s"], "xla_compiles": c["xla_compiles"],
-                    "compile_cache_hits": c["cache_hits"]})
+                    "wall_s": wall, **compile_record(compiles)})
     return out

@@ -371,14 +371,14 @@ class _EpochEnd:
             self.check_finite(info.state, "training state", info.step)
             self.ckpt.save_best(info.step, info.state.params, self.metrics)
         record = {"step": info.step, "epoch": info.epoch, **self.metrics, "best": is_best,
-                  "wall_s": round(time.perf_counter() - self.t_start, 1), **_compile_record(self.compiles)}
+                  "wall_s": round(time.perf_counter() - self.t_start, 1), **compile_record(self.compiles)}
         if is_main_process():  # multi-host: one writer
             with open(self.run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.log({"event": "eval", **record})
 
 
-def _compile_record(compiles: CompileEvents) -> dict[str, Any]:
+def compile_record(compiles: CompileEvents) -> dict[str, Any]:
     """This process's compile time so far (a resumed run counts from its restart), as metrics.jsonl records it."""
     c = compiles.summary()
     return {"compile_s": c["total_s"], "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
@@ -430,4 +430,4 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     dev = {k: v for k, v in end.metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")}
     return {**dev, "best_overall": end.best, "step": global_step, "stopped": stopped,
             "best_checkpoint": str(run / "best" / str(best_step)) if best_step is not None else None,
-            "wall_s": round(time.perf_counter() - t_start, 1), **_compile_record(compiles)}
+            "wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
