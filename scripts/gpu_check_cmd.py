@@ -13,7 +13,8 @@ transformers, and no pretrained weights (random-init BERTs are written to a temp
 4. the population step (train/population.py): K = 4 members (different lr and seed) at bert-base shapes, batch 8
    per task, fp32, vmapped (`impl="vmap"`) vs the 4 single-run steps one after another, interleaved.
 
-`--dry` runs the same code on tiny shapes on whatever device JAX has (the CPU in the test suite), in seconds.
+`--dry` runs the same code on tiny shapes on whatever device JAX has (the CPU in the test suite): its compiles
+dominate (~20 s each on 2 CPU cores; a 2-member population instead of 4), about two minutes in all.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"train step {name}: JAX {row['jax_s'] * 1e3:.1f} ms vs PyTorch {row['torch_s'] * 1e3:.1f} ms "
                 f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
             jx = tr = None  # free the arms before the next dtype
-        k, pb = 4, (2 if args.dry else 8)
+        k, pb = (2, 2) if args.dry else (4, 8)  # dry: 2 members (each single run compiles its own step)
         base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq, buckets=(seq,),
                                           hidden_dropout=0.1, lr=1e-5))
         cfgs = member_configs(base, [{"lr": 1e-5 * (i + 1), "seed": i} for i in range(k)])
@@ -160,7 +161,7 @@ def _gpu_check(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="the prepared GPU check: parity, JAX vs PyTorch train step fp32/bf16, MFU")
-    p.add_argument("--dry", action="store_true", help="tiny shapes on any device (seconds): the CPU test of this check")
+    p.add_argument("--dry", action="store_true", help="tiny shapes on any device (minutes on a CPU, mostly compiling): the CPU test of this check")
     p.add_argument("--batch", type=int, default=32, help="examples per task per step (default 32)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--reps", type=int, default=10, help="interleaved timed steps per arm (default 10)")

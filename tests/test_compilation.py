@@ -80,4 +80,4 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
         assert row["jax_over_torch"] == pytest.approx(row["jax_s"] / row["torch_s"])
     assert res["step_flops"] > 0 and res["mfu_bf16"] is None  # no known peak for a CPU
     pop = res["population_step"]
-    assert pop["k"] == 4 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
+    assert pop["k"] == 2 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
