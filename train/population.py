@@ -45,7 +45,7 @@ from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
-                           compile_record, evaluate, load_run_data)
+                           compile_record, eval_pending, evaluate, load_run_data, recorded_best)
 
 MEMBER_FIELDS = ("optim.lr", "model.hidden_dropout", "seed", "combine")
 _AXES = ", ".join(k.rpartition(".")[2] for k in MEMBER_FIELDS)  # `--population` names (flat aliases; dotted work too)
@@ -301,9 +301,8 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     for m in members:
         write_run_files(m.run, m.cfg, spec, vocab)
         last = _rewind_metrics(m.run / "metrics.jsonl", start)
-        if last.get("step") == start and last.get("best") and isinstance(last.get("overall"), float):
-            m.best = max(m.best, last["overall"])
-        pending_eval |= last.get("step") != start and eval_due(start, per_epoch, total, cfgs[0].eval_every)
+        m.best = recorded_best(m.best, last, start)
+        pending_eval |= eval_pending(last, start, per_epoch, total, cfgs[0].eval_every)
     hooks = [TensorBoard(m.run, member=k) for k, m in enumerate(members)] if tensorboard else []
     log = event_hooks(log, hooks)
     impl = default_impl() if impl is None else impl

@@ -324,12 +324,7 @@ class _EpochEnd:
         self.data, self.t_start, self.compiles = start.data, t_start, compiles
         self.per_epoch = start.data.sched.steps_per_epoch
         self.step_metrics, self.rate = StepMetrics(), StepRate(int(start.state.step))
-        self.best = start.position["best_overall"]
-        # An epoch-end checkpoint is saved before its evaluation: fold in that evaluation when metrics.jsonl
-        # recorded it (else the caller redoes it before the first step, see `eval_pending`).
-        if (last_record.get("step") == int(start.state.step) and last_record.get("best")
-                and isinstance(last_record.get("overall"), float)):
-            self.best = max(self.best, last_record["overall"])
+        self.best = recorded_best(start.position["best_overall"], last_record, int(start.state.step))
         self.metrics: dict[str, Any] = {k: v for k, v in last_record.items() if k not in ("step", "epoch", "best")}
 
     def kept(self) -> str:
@@ -378,6 +373,19 @@ class _EpochEnd:
         self.log({"event": "eval", **record})
 
 
+def recorded_best(best: float, last_record: dict[str, Any], step: int) -> float:
+    """The best dev overall at restart. An epoch-end checkpoint is saved before its evaluation: fold in that
+    evaluation when metrics.jsonl recorded it at `step` (else `eval_pending` redoes it before the first step)."""
+    if last_record.get("step") == step and last_record.get("best") and isinstance(last_record.get("overall"), float):
+        return max(best, last_record["overall"])
+    return best
+
+
+def eval_pending(last_record: dict[str, Any], step: int, per_epoch: int, total: int, eval_every: int) -> bool:
+    """Whether a restarted run must redo the evaluation due at `step` (metrics.jsonl has no record of it)."""
+    return last_record.get("step") != step and eval_due(step, per_epoch, total, eval_every)
+
+
 def compile_record(compiles: CompileEvents) -> dict[str, Any]:
     """This process's compile time so far (a resumed run counts from its restart), as metrics.jsonl records it."""
     c = compiles.summary()
@@ -405,7 +413,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
          "skipped": data.skipped, "train_sizes": data.sched.sizes})
     compiles = CompileEvents()
     end = _EpochEnd(cfg, run, start, make_eval_fn(start.spec, dp), log, t_start, compiles, last_record)
-    eval_pending = last_record.get("step") != start_step and eval_due(start_step, per_epoch, data.total, cfg.eval_every)
+    pending = eval_pending(last_record, start_step, per_epoch, data.total, cfg.eval_every)
 
     def one_step(state, g: int, batches: dict):
         return step_fn(state, fault(g, batches) if fault is not None else batches, dropout_key)
@@ -417,7 +425,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
         loop.add_hook(hook, epoch_end=True)
     compiles.__enter__()
     try:
-        if eval_pending:
+        if pending:
             end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
         state, global_step, stopped = loop.run(one_step, start.state, start_step)
         best_step = ckpt.best_step()
