@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["parity_fp32"] = compare(tiny, batch=4, seq=32)
             log(f"parity vs transformers (tiny, fp32): {out['parity_fp32']}")
 
-        _section(out, "parity_fp32", parity, log)
+        _section(out, "parity_fp32", parity, log, args.only)
         ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
         heads = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
         arms = [("fp32", "float32", "xla", None, "eager"), ("bf16", "bfloat16", "xla", torch.bfloat16, "eager")]
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
 
         for name, *arm in arms:
-            _section(out, f"step_{name}", lambda: step_arm(name, *arm), log)
+            _section(out, f"step_{name}", lambda: step_arm(name, *arm), log, args.only)
 
         def population() -> None:
             k, pb = (2, 2) if args.dry else (4, 8)  # dry: 2 members (each single run compiles its own step)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"population step (k={k}, vmap): {a['median_s'] * 1e3:.1f} ms vs {k} single steps "
                 f"{b['median_s'] * 1e3:.1f} ms -> {a['median_s'] / b['median_s']:.2f}")
 
-        _section(out, "population_step", population, log)
+        _section(out, "population_step", population, log, args.only)
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
     bf16 = [(out[k]["jax_s"], k) for k in out if k.startswith("step_bf16") and "jax_s" in out[k]]
     best_s, best_arm = min(bf16) if bf16 else (None, None)
@@ -162,10 +162,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _section(out: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None]) -> None:
+SECTIONS = ("parity_fp32", "step_fp32", "step_bf16", "step_bf16_cudnn", "population_step")
+
+
+def _section(out: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None],
+             only: tuple[str, ...] | None = None) -> None:
     """Run one part of the check; a failure is recorded as `out[name] = {"error": ...}` (traceback on stderr) so that
     one failing part (say cuDNN attention on an older driver) does not cost the rest of a scarce GPU session.
-    The command still exits 1 when any part failed."""
+    The command still exits 1 when any part failed. With `only`, parts not named there are skipped."""
+    if only is not None and name not in only:
+        return
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - reported and counted, never swallowed
@@ -183,6 +189,14 @@ def _gpu_check(args: argparse.Namespace) -> int:
     return 1 if r["failed_sections"] else 0
 
 
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown or text!r}; the parts are {', '.join(SECTIONS)}")
+    return names
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="the prepared GPU check: parity, JAX vs PyTorch train step fp32/bf16, MFU")
     p.add_argument("--dry", action="store_true", help="tiny shapes on any device (minutes on a CPU, mostly compiling): the CPU test of this check")
@@ -190,6 +204,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--reps", type=int, default=10, help="interleaved timed steps per arm (default 10)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if its kind is not known")
+    p.add_argument("--only", type=_sections, default=None,
+                   help=f"run only these parts, comma-separated, in the usual order (of {', '.join(SECTIONS)})")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_gpu_check)

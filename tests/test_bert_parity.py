@@ -185,3 +185,32 @@ def test_parity_cli_exit_codes(tiny_bert_dir):
     assert report["ok"] and report["last_hidden_state"] <= 1e-5
     bad = subprocess.run(cmd + ["--tol", "0"], capture_output=True, text=True)  # nothing is bit-exact across frameworks
     assert bad.returncode == 1 and json.loads(bad.stdout.strip().splitlines()[-1])["ok"] is False
+
+
+def test_cudnn_padding_as_key_lengths_equals_a_numpy_softmax(monkeypatch):
+    """The cuDNN path passes the right-padded key mask as key lengths (cuDNN rejects a [b, 1, 1, s] bias). No cuDNN
+    on a CPU: JAX's own implementation runs the very call that path makes, against a numpy masked softmax."""
+    from bert_jax.attention import self_attention
+
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def on_cpu(*a, implementation=None, **kw):
+        calls.append((implementation, sorted(kw)))
+        return real(*a, implementation=None, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    rng = np.random.default_rng(0)
+    b, s, h, d = 3, 7, 2, 4
+    q, k, v = (rng.standard_normal((b, s, h, d)).astype(np.float32) for _ in range(3))
+    lengths = np.array([7, 4, 1])
+    key_mask = (np.arange(s)[None, :] < lengths[:, None]).astype(np.int32)
+    got = np.asarray(self_attention(q, k, v, key_mask, implementation="cudnn"))
+    assert calls == [("cudnn", ["key_value_seq_lengths"])]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+    logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", p, v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(self_attention(q, k, v, key_mask)), want, atol=1e-5)  # the xla path too
