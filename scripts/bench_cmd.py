@@ -5,6 +5,7 @@
                    same synthetic batches (sst [B, L] + para, sts pairs [B, L] each), dropout on in both.
   --what pcgrad    A = the JAX PCGrad step, B = the JAX summed-loss step, same batches.
   --what split     A = the split step (per-task programs + one update program), B = the fused step.
+  --what dtype     A = the JAX step with `dtype=bfloat16` (bf16 compute), B = the same step in fp32.
   --what ensemble  A = a vmapped K-member ensemble, B = the K members one after another
                    (ensemble.timing.time_ensemble, dev batches).
   --what population A = one K-member population step (train.population: stacked states, one vmapped
@@ -310,7 +311,8 @@ def bench_pcgrad(args: argparse.Namespace, a_cfg: dict | None = None, b_cfg: dic
     t = interleave({"a": lambda: a(batches), "b": lambda: b(batches)}, args.reps)
     return result(what, labels[0], labels[1], t, machine(),
                   checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(STEP_TASKS),
-                  compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps)
+                  compile_a=compile_info["a"], compile_b=compile_info["b"], warmup=args.warmup, reps=args.reps,
+                  settings_a=a_cfg, settings_b=b_cfg, model_dtype_a=str(a.spec.bert.dtype), model_dtype_b=str(b.spec.bert.dtype))
 
 
 def bench_ensemble(args: argparse.Namespace) -> dict[str, Any]:
@@ -452,7 +454,14 @@ def bench_population(args: argparse.Namespace) -> dict[str, Any]:
                   warmup=args.warmup, reps=args.reps)
 
 
-KINDS = {"population": bench_population, "step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split, "ensemble": bench_ensemble, "epoch": bench_epoch}
+def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
+    """The JAX step with bf16 compute (fp32 params, optimizer, softmax, losses) vs the same step in fp32."""
+    return bench_pcgrad(args, {"dtype": "bfloat16"}, {"dtype": "float32"},
+                        ("JAX step, bf16 compute", "JAX step, fp32"), "dtype")
+
+
+KINDS = {"population": bench_population, "step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split,
+         "dtype": bench_dtype, "ensemble": bench_ensemble, "epoch": bench_epoch}
 
 
 def _summary_line(r: dict[str, Any]) -> str:

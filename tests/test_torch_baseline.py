@@ -267,3 +267,18 @@ def test_recipe_heads_and_per_group_learning_rates_match(tiny_bert_dir):
     emb = np.abs(np.asarray(state.params["bert"]["embeddings"]["LayerNorm"]["bias"]) - params_np["bert"]["embeddings"]["LayerNorm"]["bias"]).max()
     head = np.abs(np.asarray(state.params["heads"]["sst"]["bias"]) - params_np["heads"]["sst"]["bias"]).max()
     assert emb == pytest.approx(cfg.optim.lr * 0.49, rel=0.05) and head == pytest.approx(cfg.optim.lr * 10, rel=0.05)
+
+
+def test_bench_dtype_compares_bf16_with_fp32(tiny_bert_dir, tmp_path):
+    """`bert-jax bench --what dtype`: arm A computes in bf16, arm B in fp32, on the same batches."""
+    import json
+
+    from scripts.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "dtype", "--checkpoint", str(tiny_bert_dir), "--reps", "2", "--warmup", "0",
+                 "--batch", "2", "--seq", "8", "--json", str(out), "--quiet", "--no-malloc-tuning"]) == 0
+    r = json.loads(out.read_text())
+    assert r["what"] == "dtype" and "bf16" in r["a"] and "fp32" in r["b"]
+    assert (r["model_dtype_a"], r["model_dtype_b"]) == ("bfloat16", "float32")  # as the arms' models resolved it
+    assert abs(r["a_over_b"] - r["a_median_s"] / r["b_median_s"]) < 1e-12
