@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,97 +74,125 @@ def step_flops(layers: int, hidden: int, inter: int, batch: int, seq: int) -> fl
     return 3.0 * (dense + attention)
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every timed part shares: the random bert checkpoint, the heads and the step's shapes."""
+
+    ckpt: Path
+    heads: Any  # train.heads.HeadConfig
+    batch: int
+    seq: int
+    reps: int
+    torch_device: str
+    dry: bool
+    flops: float  # model FLOPs of one train step at (batch, seq)
+
+
+def _parity(tmp: Path) -> dict[str, Any]:
+    from bert_jax.parity import compare
+
+    return compare(_save_random_bert(tmp / "tiny", 99, 0, **TINY), batch=4, seq=32)
+
+
+def _step_arm(s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> dict[str, Any]:
+    """The multitask train step, JAX (`dtype`, `attn`) vs PyTorch (autocast `t_dtype`, `t_attn`), interleaved."""
+    import jax
+    import torch
+
+    from scripts.bench_cmd import JaxArm, TorchArm, interleave, stats, synthetic_batches
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=s.batch, max_len=s.seq,
+                                     buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn))
+    jx = JaxArm(cfg)
+    # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
+    # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.torch_device == "cuda"
+    tr = TorchArm(cfg, jx.params0, t_attn, device=s.torch_device, autocast_dtype=t_dtype)
+    batches = synthetic_batches(jx.spec.bert.vocab_size, s.batch, s.seq, 0, cross=s.heads.cross_tasks)
+    with jx.events:
+        t0 = time.perf_counter()
+        jx(batches)
+        first = time.perf_counter() - t0
+    tr(batches)
+    for _ in range(2):
+        jx(batches)
+        tr(batches)
+    t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, s.reps)
+    a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
+    return {"jax_s": a, "torch_s": b, "jax_over_torch": a / b, "jax_compile_s": jx.events.summary()["total_s"],
+            "jax_first_call_s": first, "jax_model_tflops": s.flops / a / 1e12, "torch_model_tflops": s.flops / b / 1e12,
+            "torch_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "jax_matmul_precision": str(jax.config.jax_default_matmul_precision)}
+
+
+def _population(s: _Setup) -> dict[str, Any]:
+    """K members as one vmapped fp32 step vs the K single-run steps one after another, interleaved."""
+    from scripts.bench_cmd import JaxArm, PopulationArm, interleave, stats, synthetic_batches
+    from train.config import TrainConfig
+    from train.population import member_configs
+
+    k, pb = (2, 2) if s.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
+    base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=pb, max_len=s.seq,
+                                      buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5))
+    # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
+    # bert-base step took 200-240 s to compile (XLA's GEMM autotuning), so K separate programs cost minutes.
+    cfgs = member_configs(base, [{"seed": i} for i in range(k)])
+    pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
+    for arm in singles[1:]:
+        arm.fn = singles[0].fn  # same config but the seed: the same program, compiled once
+    batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, s.seq, 0, cross=s.heads.cross_tasks)
+    with pop.events:
+        pop(batches)
+    for arm in singles:
+        arm(batches)
+    pop(batches)
+    t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, s.reps)
+    a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
+    return {"k": k, "batch": pb, "seq": s.seq, "population_s": a, "singles_s": b, "population_over_singles": a / b,
+            "population_compile_s": pop.events.summary()["total_s"], "impl": "vmap", "dtype": "float32"}
+
+
+def _describe(name: str, r: dict[str, Any]) -> str:
+    if name == "parity_fp32":
+        return f"parity vs transformers (tiny, fp32): {r}"
+    if name == "population_step":
+        return (f"population step (k={r['k']}, vmap): {r['population_s'] * 1e3:.1f} ms vs {r['k']} single steps "
+                f"{r['singles_s'] * 1e3:.1f} ms -> {r['population_over_singles']:.2f}")
+    return (f"train {name.replace('_', ' ', 1)}: JAX {r['jax_s'] * 1e3:.1f} ms vs PyTorch {r['torch_s'] * 1e3:.1f} ms "
+            f"-> JAX/PyTorch {r['jax_over_torch']:.2f}; JAX compile {r['jax_compile_s']:.1f} s")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import torch
 
-    from bert_jax.parity import compare
-    from scripts.bench_cmd import JaxArm, PopulationArm, TorchArm, interleave, machine, stats, synthetic_batches
-    from train.population import member_configs
-    from train.config import TrainConfig
+    from scripts.bench_cmd import machine
     from train.heads import HeadConfig
 
     dev = jax.devices()[0]
-    on_gpu = dev.platform == "gpu"
-    torch_device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     sizes = TINY if args.dry else BASE
     batch, seq, reps = (2, 16, 2) if args.dry else (args.batch, args.seq, args.reps)
+    torch_device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     out: dict[str, Any] = {"device": f"{dev.platform}:{dev.device_kind}", "torch_device": torch_device,
                            "dry": args.dry, "machine": machine()}
     log = (lambda m: None) if args.quiet else (lambda m: print(f"[gpu-check] {m}", file=sys.stderr, flush=True))
+    flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
+    out["step_flops"] = flops
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        def parity() -> None:
-            tiny = _save_random_bert(Path(tmp) / "tiny", 99, 0, **TINY)
-            out["parity_fp32"] = compare(tiny, batch=4, seq=32)
-            log(f"parity vs transformers (tiny, fp32): {out['parity_fp32']}")
-
-        _section(out, "parity_fp32", parity, log, args.only)
         ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
-        heads = HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu")
-        arms = [("fp32", "float32", "xla", None, "eager"), ("bf16", "bfloat16", "xla", torch.bfloat16, "eager")]
-        if on_gpu:
-            arms.append(("bf16_cudnn", "bfloat16", "cudnn", torch.bfloat16, "sdpa"))
-        flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
-        out["step_flops"] = flops
-
-        def step_arm(name: str, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> None:
-            cfg = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=batch, max_len=seq, buckets=(seq,),
-                                             hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn))
-            jx = JaxArm(cfg)
-            # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
-            # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch_device == "cuda"
-            tr = TorchArm(cfg, jx.params0, t_attn, device=torch_device, autocast_dtype=t_dtype)
-            batches = synthetic_batches(jx.spec.bert.vocab_size, batch, seq, 0, cross=heads.cross_tasks)
-            with jx.events:
-                t0 = time.perf_counter()
-                jx(batches)
-                first = time.perf_counter() - t0
-            tr(batches)
-            for _ in range(2):
-                jx(batches)
-                tr(batches)
-            t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, reps)
-            a, b = stats(t.wall["a"]), stats(t.wall["b"])
-            row = {"jax_s": a["median_s"], "torch_s": b["median_s"], "jax_over_torch": a["median_s"] / b["median_s"],
-                   "jax_compile_s": jx.events.summary()["total_s"], "jax_first_call_s": first,
-                   "jax_model_tflops": flops / a["median_s"] / 1e12, "torch_model_tflops": flops / b["median_s"] / 1e12,
-                   "torch_tf32": torch.backends.cuda.matmul.allow_tf32,
-                   "jax_matmul_precision": str(jax.config.jax_default_matmul_precision)}
-            out[f"step_{name}"] = row
-            log(f"train step {name}: JAX {row['jax_s'] * 1e3:.1f} ms vs PyTorch {row['torch_s'] * 1e3:.1f} ms "
-                f"-> JAX/PyTorch {row['jax_over_torch']:.2f}; JAX compile {row['jax_compile_s']:.1f} s")
-
-        for name, *arm in arms:
-            _section(out, f"step_{name}", lambda: step_arm(name, *arm), log, args.only)
-
-        def population() -> None:
-            k, pb = (2, 2) if args.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
-            base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=heads, batch_size=pb, max_len=seq,
-                                              buckets=(seq,), hidden_dropout=0.1, lr=1e-5))
-            # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
-            # bert-base step took 200-240 s to compile (XLA's GEMM autotuning), so K separate programs cost minutes.
-            cfgs = member_configs(base, [{"seed": i} for i in range(k)])
-            pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
-            for arm in singles[1:]:
-                arm.fn = singles[0].fn  # same config but the seed: the same program, compiled once
-            batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, seq, 0, cross=heads.cross_tasks)
-            with pop.events:
-                pop(batches)
-            pop_compile = pop.events.summary()["total_s"]
-            for arm in singles:
-                arm(batches)
-            pop(batches)
-            t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, reps)
-            a, b = stats(t.wall["a"]), stats(t.wall["b"])
-            out["population_step"] = {"k": k, "batch": pb, "seq": seq, "population_s": a["median_s"],
-                                      "singles_s": b["median_s"], "population_over_singles": a["median_s"] / b["median_s"],
-                                      "population_compile_s": pop_compile, "impl": "vmap", "dtype": "float32"}
-            log(f"population step (k={k}, vmap): {a['median_s'] * 1e3:.1f} ms vs {k} single steps "
-                f"{b['median_s'] * 1e3:.1f} ms -> {a['median_s'] / b['median_s']:.2f}")
-
-        _section(out, "population_step", population, log, args.only)
+        setup = _Setup(ckpt, HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu"), batch, seq, reps,
+                       torch_device, args.dry, flops)
+        parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("parity_fp32", lambda: _parity(Path(tmp))),
+            ("step_fp32", lambda: _step_arm(setup, "float32", "xla", None, "eager")),
+            ("step_bf16", lambda: _step_arm(setup, "bfloat16", "xla", torch.bfloat16, "eager"))]
+        if dev.platform == "gpu":
+            parts.append(("step_bf16_cudnn", lambda: _step_arm(setup, "bfloat16", "cudnn", torch.bfloat16, "sdpa")))
+        parts.append(("population_step", lambda: _population(setup)))
+        for name, fn in parts:
+            _section(out, name, fn, log, args.only)
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
     bf16 = [(out[k]["jax_s"], k) for k in out if k.startswith("step_bf16") and "jax_s" in out[k]]
     best_s, best_arm = min(bf16) if bf16 else (None, None)
@@ -180,15 +209,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 SECTIONS = ("parity_fp32", "step_fp32", "step_bf16", "step_bf16_cudnn", "population_step")
 
 
-def _section(out: dict[str, Any], name: str, fn: Callable[[], None], log: Callable[[str], None],
+def _section(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
              only: tuple[str, ...] | None = None) -> None:
-    """Run one part of the check; a failure is recorded as `out[name] = {"error": ...}` (traceback on stderr) so that
-    one failing part (say cuDNN attention on an older driver) does not cost the rest of a scarce GPU session.
-    The command still exits 1 when any part failed. With `only`, parts not named there are skipped."""
+    """Run one part of the check into `out[name]` and log it; a failure is recorded as `out[name] = {"error": ...}`
+    (traceback on stderr) so that one failing part (say cuDNN attention on an older driver) does not cost the rest
+    of a scarce GPU session. The command still exits 1 when any part failed. With `only`, parts not named there
+    are skipped."""
     if only is not None and name not in only:
         return
     try:
-        fn()
+        out[name] = fn()
+        log(_describe(name, out[name]))
     except Exception as e:  # noqa: BLE001 - reported and counted, never swallowed
         traceback.print_exc()
         out[name] = {"error": f"{type(e).__name__}: {e}"}

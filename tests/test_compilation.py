@@ -93,9 +93,13 @@ def test_gpu_check_records_a_failing_section_and_goes_on():
         raise RuntimeError("cuDNN attention unsupported")
 
     _section(out, "step_bf16_cudnn", boom, logged.append)
-    _section(out, "population_step", lambda: ran.append(1), logged.append)
-    assert out == {"step_bf16_cudnn": {"error": "RuntimeError: cuDNN attention unsupported"}}
-    assert ran == [1] and logged == ["step_bf16_cudnn FAILED: RuntimeError: cuDNN attention unsupported"]
+    _section(out, "parity_fp32", lambda: ran.append(1) or {"last_hidden_state": 0.0}, logged.append)
+    _section(out, "population_step", lambda: ran.append(2) or {}, logged.append, only=("parity_fp32",))
+    assert out == {"step_bf16_cudnn": {"error": "RuntimeError: cuDNN attention unsupported"},
+                   "parity_fp32": {"last_hidden_state": 0.0}}
+    assert ran == [1]  # the population part was not in `only`
+    assert logged == ["step_bf16_cudnn FAILED: RuntimeError: cuDNN attention unsupported",
+                      "parity vs transformers (tiny, fp32): {'last_hidden_state': 0.0}"]
 
 
 def test_gpu_check_imports_only_what_the_gpu_machine_has():
