@@ -46,13 +46,14 @@ def self_attention(
     implementation: str = "xla",
 ) -> jax.Array:
     """Scaled dot-product attention over unpadded keys. Returns [batch, seq, heads, head_dim]."""
+    deterministic = dropout_rng is None or dropout_rate == 0.0
+    if deterministic and implementation == "cudnn":
+        # cuDNN takes no broadcast [batch, 1, 1, seq] mask (its bias must be [.., seq, seq]); a padding mask is
+        # given as key lengths instead, which is the same mask because the tokenizer pads on the right.
+        lengths = key_mask.astype(jnp.int32).sum(-1)  # [batch]
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     mask = key_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1(query), seq(key)]
-    if dropout_rng is None or dropout_rate == 0.0:
-        if implementation == "cudnn":
-            # cuDNN takes no broadcast [batch, 1, 1, seq] mask (its bias must be [.., seq, seq]); a padding mask is
-            # given as key lengths instead, which is the same mask because the tokenizer pads on the right.
-            lengths = key_mask.astype(jnp.int32).sum(-1)  # [batch]
-            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    if deterministic:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
     if implementation == "cudnn":
         raise ValueError("cuDNN attention has no dropout: set attention_probs_dropout_prob=0 for this path")

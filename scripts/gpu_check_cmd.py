@@ -153,14 +153,21 @@ def _population(s: _Setup) -> dict[str, Any]:
             "population_compile_s": pop.events.summary()["total_s"], "impl": "vmap", "dtype": "float32"}
 
 
-def _describe(name: str, r: dict[str, Any]) -> str:
-    if name == "parity_fp32":
-        return f"parity vs transformers (tiny, fp32): {r}"
-    if name == "population_step":
-        return (f"population step (k={r['k']}, vmap): {r['population_s'] * 1e3:.1f} ms vs {r['k']} single steps "
-                f"{r['singles_s'] * 1e3:.1f} ms -> {r['population_over_singles']:.2f}")
-    return (f"train {name.replace('_', ' ', 1)}: JAX {r['jax_s'] * 1e3:.1f} ms vs PyTorch {r['torch_s'] * 1e3:.1f} ms "
-            f"-> JAX/PyTorch {r['jax_over_torch']:.2f}; JAX compile {r['jax_compile_s']:.1f} s")
+def _step_line(name: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: (f"train step {name}: JAX {r['jax_s'] * 1e3:.1f} ms vs PyTorch {r['torch_s'] * 1e3:.1f} ms "
+                      f"-> JAX/PyTorch {r['jax_over_torch']:.2f}; JAX compile {r['jax_compile_s']:.1f} s")
+
+
+# The parts of the check, in their order, each with the line it logs (one place per part name: `--only` takes these).
+LINES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "parity_fp32": lambda r: f"parity vs transformers (tiny, fp32): {r}",
+    "step_fp32": _step_line("fp32"),
+    "step_bf16": _step_line("bf16"),
+    "step_bf16_cudnn": _step_line("bf16_cudnn"),
+    "population_step": lambda r: (f"population step (k={r['k']}, vmap): {r['population_s'] * 1e3:.1f} ms vs {r['k']} "
+                                  f"single steps {r['singles_s'] * 1e3:.1f} ms -> {r['population_over_singles']:.2f}"),
+}
+SECTIONS = tuple(LINES)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,9 +213,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("parity_fp32", "step_fp32", "step_bf16", "step_bf16_cudnn", "population_step")
-
-
 def _section(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
              only: tuple[str, ...] | None = None) -> None:
     """Run one part of the check into `out[name]` and log it; a failure is recorded as `out[name] = {"error": ...}`
@@ -219,7 +223,7 @@ def _section(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], l
         return
     try:
         out[name] = fn()
-        log(_describe(name, out[name]))
+        log(LINES[name](out[name]))
     except Exception as e:  # noqa: BLE001 - reported and counted, never swallowed
         traceback.print_exc()
         out[name] = {"error": f"{type(e).__name__}: {e}"}
