@@ -1,7 +1,8 @@
 """`bert-jax gpu-check`: the prepared GPU check (also `scripts/gpu_check.sh`) on one NVIDIA GPU.
 
-On the H200 (2026-11-27) each bert-base train step took 200-240 s to compile (XLA's GEMM autotuning at its default
-level), so the whole check takes longer than its 5-minute goal there: `--only PARTS` runs a subset.
+On the H200 (2026-11-27) each bert-base train step took 200-240 s to compile with XLA's autotuned Triton GEMMs and
+56-103 s with Triton GEMMs off (`scripts/gpu_check.sh` sets that), so the whole check took ~8 minutes there, not
+its 5-minute goal: `--only PARTS` runs a subset.
 
 Runs where nothing can be installed or downloaded: it needs only jax (with CUDA), flax, optax, torch and
 transformers, and no pretrained weights (random-init BERTs are written to a temporary directory). It prints:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch, seq, reps = (2, 16, 2) if args.dry else (args.batch, args.seq, args.reps)
     torch_device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     out: dict[str, Any] = {"device": f"{dev.platform}:{dev.device_kind}", "torch_device": torch_device,
-                           "dry": args.dry, "machine": machine()}
+                           "dry": args.dry, "machine": machine(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
     log = (lambda m: None) if args.quiet else (lambda m: print(f"[gpu-check] {m}", file=sys.stderr, flush=True))
     flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
     out["step_flops"] = flops
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parts.append(("step_bf16_cudnn", lambda: _step_arm(setup, "bfloat16", "cudnn", torch.bfloat16, "sdpa")))
         parts.append(("population_step", lambda: _population(setup)))
         for name, fn in parts:
-            _section(out, name, fn, log, args.only)
+            _section(out, name, fn, log, args.only, args.json)
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
     bf16 = [(out[k]["jax_s"], k) for k in out if k.startswith("step_bf16") and "jax_s" in out[k]]
     best_s, best_arm = min(bf16) if bf16 else (None, None)
@@ -214,13 +216,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _section(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
-             only: tuple[str, ...] | None = None) -> None:
+             only: tuple[str, ...] | None = None, json_path: str | None = None) -> None:
     """Run one part of the check into `out[name]` and log it; a failure is recorded as `out[name] = {"error": ...}`
     (traceback on stderr) so that one failing part (say cuDNN attention on an older driver) does not cost the rest
     of a scarce GPU session. The command still exits 1 when any part failed. With `only`, parts not named there
-    are skipped."""
+    are skipped. With `json_path`, the results so far are written there after every part, so a run killed at its
+    time limit still leaves the parts it finished."""
     if only is not None and name not in only:
         return
+    t0 = time.perf_counter()
     try:
         out[name] = fn()
         log(LINES[name](out[name]))
@@ -228,6 +232,9 @@ def _section(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], l
         traceback.print_exc()
         out[name] = {"error": f"{type(e).__name__}: {e}"}
         log(f"{name} FAILED: {out[name]['error']}")
+    out[name]["part_wall_s"] = time.perf_counter() - t0
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2, default=str))
 
 
 def _gpu_check(args: argparse.Namespace) -> int:

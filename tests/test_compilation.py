@@ -73,7 +73,9 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["dry"] and res["device"].startswith("cpu")
-    assert max(res["parity_fp32"].values()) < 1e-4
+    parity = {k: v for k, v in res["parity_fp32"].items() if k != "part_wall_s"}
+    assert set(parity) == {"last_hidden_state", "pooler_output"} and max(parity.values()) < 1e-4
+    assert all(res[p]["part_wall_s"] > 0 for p in ("parity_fp32", "step_fp32", "step_bf16", "population_step"))
     for arm in ("step_fp32", "step_bf16"):
         row = res[arm]
         assert row["jax_s"] > 0 and row["torch_s"] > 0
@@ -83,18 +85,23 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
     assert pop["k"] == 2 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
 
 
-def test_gpu_check_records_a_failing_section_and_goes_on():
-    """One failing part of the GPU check is reported with its error, the others still run, and it is counted."""
+def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
+    """One failing part of the GPU check is reported with its error, the others still run, and it is counted;
+    the results so far are on disk after every part (a run killed at its time limit keeps them)."""
     from scripts.gpu_check_cmd import _section
 
     out, logged, ran = {}, [], []
+    path = tmp_path / "partial.json"
 
     def boom() -> None:
         raise RuntimeError("cuDNN attention unsupported")
 
-    _section(out, "step_bf16_cudnn", boom, logged.append)
-    _section(out, "parity_fp32", lambda: ran.append(1) or {"last_hidden_state": 0.0}, logged.append)
+    _section(out, "step_bf16_cudnn", boom, logged.append, json_path=str(path))
+    assert json.loads(path.read_text())["step_bf16_cudnn"]["error"] == "RuntimeError: cuDNN attention unsupported"
+    _section(out, "parity_fp32", lambda: ran.append(1) or {"last_hidden_state": 0.0}, logged.append, json_path=str(path))
     _section(out, "population_step", lambda: ran.append(2) or {}, logged.append, only=("parity_fp32",))
+    assert json.loads(path.read_text()) == out
+    assert all(out[k].pop("part_wall_s") >= 0 for k in out)
     assert out == {"step_bf16_cudnn": {"error": "RuntimeError: cuDNN attention unsupported"},
                    "parity_fp32": {"last_hidden_state": 0.0}}
     assert ran == [1]  # the population part was not in `only`
