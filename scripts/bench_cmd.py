@@ -6,6 +6,8 @@
   --what pcgrad    A = the JAX PCGrad step, B = the JAX summed-loss step, same batches.
   --what split     A = the split step (per-task programs + one update program), B = the fused step.
   --what dtype     A = the JAX step with `dtype=bfloat16` (bf16 compute), B = the same step in fp32.
+  --what phases    A = JAX, B = PyTorch, phase by phase: the forward (summed task losses, dropout on), forward +
+                   backward, and the whole step (the update is the difference), all six interleaved.
   --what ensemble  A = a vmapped K-member ensemble, B = the K members one after another
                    (ensemble.timing.time_ensemble, dev batches).
   --what population A = one K-member population step (train.population: stacked states, one vmapped
@@ -460,8 +462,66 @@ def bench_dtype(args: argparse.Namespace) -> dict[str, Any]:
                         ("JAX step, bf16 compute", "JAX step, fp32"), "dtype")
 
 
+def bench_phases(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a framework's step time goes: forward, forward + backward and the whole step, JAX vs PyTorch. PyTorch's
+    forward records its graph (as in training); the update is the step minus forward + backward."""
+    import jax
+    import torch
+
+    from scripts import torch_baseline as tb
+    from train.step import loss_fn
+
+    threads = _set_threads()
+    cfg = _cfg(args, combine="sum")
+    jx = JaxArm(cfg, args.seed)
+    tr = TorchArm(cfg, jx.params0, args.torch_attn)
+    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=cfg.heads.cross_tasks)
+    jb, tasks, model = jax.tree.map(jax.numpy.asarray, batches), cfg.tasks, tr.model
+
+    def j_loss(params, rng):
+        return sum(loss_fn(params, jx.spec, t, jb[t], k) for t, k in zip(tasks, jax.random.split(rng, len(tasks))))
+
+    j_fwd, j_grad = jax.jit(j_loss), jax.jit(jax.grad(j_loss))
+
+    def t_loss() -> torch.Tensor:
+        tbs = {t: tb.to_torch_batch(batches[t]) for t in tasks}
+        return sum(tb.task_loss(t, model.scores(t, tbs[t]), tbs[t], model._kind(t)) for t in tasks)
+
+    def t_fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        t_loss().backward()
+
+    key = jax.random.key(args.seed + 7)
+    arms = {"jax_forward": lambda: float(j_fwd(jx.params0, key)), "torch_forward": lambda: float(t_loss()),
+            "jax_forward_backward": lambda: jax.block_until_ready(j_grad(jx.params0, key)), "torch_forward_backward": t_fwd_bwd,
+            "a": lambda: jx(batches), "b": lambda: tr(batches)}
+    with jx.events:
+        # before any update (the PyTorch step trains its model in place): the same number when dropout is off
+        losses = {"jax": float(j_fwd(jx.params0, key)), "torch": float(t_loss())}
+        first = {name: seconds(fn) for name, fn in arms.items()}
+    for _ in range(args.warmup):
+        for fn in arms.values():
+            fn()
+    _log(args, f"compiled; timing {args.reps} reps of 6 arms")
+    t = interleave(arms, args.reps)
+    med = {name: stats(t.wall[name])["median_s"] for name in arms}
+    phases = {p: {"jax_s": med[f"jax_{p}"], "torch_s": med[f"torch_{p}"], "jax_over_torch": med[f"jax_{p}"] / med[f"torch_{p}"]}
+              for p in ("forward", "forward_backward")}
+    phases["step"] = {"jax_s": med["a"], "torch_s": med["b"], "jax_over_torch": med["a"] / med["b"]}
+    phases["backward_only"] = {"jax_s": med["jax_forward_backward"] - med["jax_forward"],
+                               "torch_s": med["torch_forward_backward"] - med["torch_forward"]}
+    phases["update_only"] = {"jax_s": med["a"] - med["jax_forward_backward"], "torch_s": med["b"] - med["torch_forward_backward"]}
+    return result("phases", "JAX train step", f"PyTorch baseline step (attn_implementation={args.torch_attn})", t, machine(),
+                  checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(tasks), phases=phases,
+                  forward_loss=losses, first_call_s=first, compile=jx.events.summary(), torch_threads=threads, warmup=args.warmup, reps=args.reps,
+                  hidden_dropout=cfg.model.hidden_dropout)
+
+
 KINDS = {"population": bench_population, "step": bench_step, "pcgrad": bench_pcgrad, "split": bench_split,
-         "dtype": bench_dtype, "ensemble": bench_ensemble, "epoch": bench_epoch}
+         "dtype": bench_dtype, "phases": bench_phases, "ensemble": bench_ensemble, "epoch": bench_epoch}
+
+
+DEFAULT_REPS = {"step": 20, "pcgrad": 20, "split": 20, "dtype": 20, "phases": 12, "ensemble": 5, "epoch": 3, "population": 10}
 
 
 def _summary_line(r: dict[str, Any]) -> str:
@@ -487,7 +547,7 @@ def _bench(args: argparse.Namespace) -> int:
     process = args.process  # made by scripts.cli.main (scripts.host.prepare_process) before any step
 
     if args.reps is None:
-        args.reps = {"step": 20, "pcgrad": 20, "ensemble": 5, "epoch": 3, "population": 10}[args.what]
+        args.reps = DEFAULT_REPS[args.what]
     if args.batch is None:
         args.batch = 64 if args.what == "ensemble" else 8
     for name in ("reps", "batch", "seq", "k", "n_examples"):

@@ -88,6 +88,7 @@ class _Setup:
     torch_device: str
     dry: bool
     flops: float  # model FLOPs of one train step at (batch, seq)
+    scan_layers: bool = False  # the encoder as one lax.scan over its layers: one compiled layer body
 
 
 def _parity(tmp: Path) -> dict[str, Any]:
@@ -105,7 +106,8 @@ def _step_arm(s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> di
     from train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=s.batch, max_len=s.seq,
-                                     buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn))
+                                     buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn,
+                                     scan_layers=s.scan_layers))
     jx = JaxArm(cfg)
     # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
     # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
@@ -125,7 +127,8 @@ def _step_arm(s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> di
     return {"jax_s": a, "torch_s": b, "jax_over_torch": a / b, "jax_compile_s": jx.events.summary()["total_s"],
             "jax_first_call_s": first, "jax_model_tflops": s.flops / a / 1e12, "torch_model_tflops": s.flops / b / 1e12,
             "torch_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "jax_matmul_precision": str(jax.config.jax_default_matmul_precision)}
+            "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "jax_scan_layers": jx.spec.bert.scan_layers}
 
 
 def _population(s: _Setup) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def _population(s: _Setup) -> dict[str, Any]:
 
     k, pb = (2, 2) if s.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
     base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=pb, max_len=s.seq,
-                                      buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5))
+                                      buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
     # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
     # bert-base step took 200-240 s to compile (XLA's GEMM autotuning), so K separate programs cost minutes.
     cfgs = member_configs(base, [{"seed": i} for i in range(k)])
@@ -184,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch, seq, reps = (2, 16, 2) if args.dry else (args.batch, args.seq, args.reps)
     torch_device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     out: dict[str, Any] = {"device": f"{dev.platform}:{dev.device_kind}", "torch_device": torch_device,
-                           "dry": args.dry, "machine": machine(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                           "dry": args.dry, "machine": machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                           "scan_layers": args.scan_layers}
     log = (lambda m: None) if args.quiet else (lambda m: print(f"[gpu-check] {m}", file=sys.stderr, flush=True))
     flops = step_flops(sizes["num_hidden_layers"], sizes["hidden_size"], sizes["intermediate_size"], batch, seq)
     out["step_flops"] = flops
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
         setup = _Setup(ckpt, HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu"), batch, seq, reps,
-                       torch_device, args.dry, flops)
+                       torch_device, args.dry, flops, args.scan_layers)
         parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("parity_fp32", lambda: _parity(Path(tmp))),
             ("step_fp32", lambda: _step_arm(setup, "float32", "xla", None, "eager")),
@@ -260,6 +264,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32, help="examples per task per step (default 32)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--reps", type=int, default=10, help="interleaved timed steps per arm (default 10)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="JAX encoders as one lax.scan over the layers (one compiled layer body: shorter compiles; not yet timed on a GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if its kind is not known")
     p.add_argument("--only", type=_sections, default=None,
                    help=f"run only these parts, comma-separated, in the usual order (of {', '.join(SECTIONS)})")

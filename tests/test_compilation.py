@@ -85,6 +85,21 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
     assert pop["k"] == 2 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
 
 
+def test_gpu_check_scan_layers_runs_the_scanned_encoder(tmp_path):
+    """`--scan-layers` (shorter compiles for the GPU check) trains the step with the scanned encoder, which the
+    record says, and the JAX / PyTorch ratio is still over the same step."""
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry", "--quiet", "--scan-layers",
+                        "--only", "step_fp32", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["scan_layers"] is True and set(res) >= {"step_fp32"} and "step_bf16" not in res
+    assert res["step_fp32"]["jax_scan_layers"] is True  # the model the step was built with
+    assert res["step_fp32"]["jax_s"] > 0 and res["step_fp32"]["jax_over_torch"] > 0
+
+
 def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
     """One failing part of the GPU check is reported with its error, the others still run, and it is counted;
     the results so far are on disk after every part (a run killed at its time limit keeps them)."""

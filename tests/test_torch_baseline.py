@@ -282,3 +282,25 @@ def test_bench_dtype_compares_bf16_with_fp32(tiny_bert_dir, tmp_path):
     assert r["what"] == "dtype" and "bf16" in r["a"] and "fp32" in r["b"]
     assert (r["model_dtype_a"], r["model_dtype_b"]) == ("bfloat16", "float32")  # as the arms' models resolved it
     assert abs(r["a_over_b"] - r["a_median_s"] / r["b_median_s"]) < 1e-12
+
+
+def test_bench_phases_times_the_same_losses_in_both_frameworks(tiny_bert_dir, tmp_path):
+    """`bert-jax bench --what phases`: the forward it times is the same summed loss in JAX and PyTorch (dropout off:
+    equal to float32 precision), and every phase has both frameworks' times; every bench kind has default reps."""
+    import json
+
+    from scripts.bench_cmd import DEFAULT_REPS, KINDS
+    from scripts.cli import main
+
+    assert set(DEFAULT_REPS) == set(KINDS)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--what", "phases", "--checkpoint", str(tiny_bert_dir), "--reps", "2", "--warmup", "0",
+                 "--batch", "2", "--seq", "8", "--json", str(out), "--quiet", "--no-malloc-tuning",
+                 "hidden_dropout=0", "attention_dropout=0"]) == 0
+    r = json.loads(out.read_text())
+    assert r["what"] == "phases" and r["hidden_dropout"] == 0
+    assert r["forward_loss"]["jax"] == pytest.approx(r["forward_loss"]["torch"], rel=1e-5, abs=1e-6)
+    for phase in ("forward", "forward_backward", "step"):
+        p = r["phases"][phase]
+        assert p["jax_s"] > 0 and p["torch_s"] > 0 and p["jax_over_torch"] == pytest.approx(p["jax_s"] / p["torch_s"])
+    assert r["phases"]["step"]["jax_s"] == r["a_median_s"]
