@@ -238,6 +238,13 @@ class TorchArm:
             torch.cuda.synchronize()
 
 
+def step_arms(cfg, seed: int, attn: str, batch: int, seq: int, device: str = "cpu", autocast_dtype=None):
+    """The JAX and PyTorch train steps from the same initial weights, and their synthetic batches (seeded by `seed`)."""
+    jx = JaxArm(cfg, seed)
+    tr = TorchArm(cfg, jx.params0, attn, device=device, autocast_dtype=autocast_dtype)
+    return jx, tr, synthetic_batches(jx.spec.bert.vocab_size, batch, seq, seed, cross=cfg.heads.cross_tasks)
+
+
 def seconds(fn: Callable[..., Any], *args: Any) -> float:
     """Wall time of one call `fn(*args)` (a first call: compile + run, or an untimed warm-up pass)."""
     t0 = time.perf_counter()
@@ -270,9 +277,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     """JAX train step vs the PyTorch baseline step, same shapes and weights."""
     threads = _set_threads()
     cfg = _cfg(args, combine="sum")
-    jx = JaxArm(cfg, args.seed)
-    tr = TorchArm(cfg, jx.params0, args.torch_attn)
-    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=cfg.heads.cross_tasks)
+    jx, tr, batches = step_arms(cfg, args.seed, args.torch_attn, args.batch, args.seq)
     with jx.events:
         first_a = seconds(jx, batches)
     first_b = seconds(tr, batches)
@@ -473,9 +478,7 @@ def bench_phases(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = _set_threads()
     cfg = _cfg(args, combine="sum")
-    jx = JaxArm(cfg, args.seed)
-    tr = TorchArm(cfg, jx.params0, args.torch_attn)
-    batches = synthetic_batches(jx.spec.bert.vocab_size, args.batch, args.seq, args.seed, cross=cfg.heads.cross_tasks)
+    jx, tr, batches = step_arms(cfg, args.seed, args.torch_attn, args.batch, args.seq)
     jb, tasks, model = jax.tree.map(jax.numpy.asarray, batches), cfg.tasks, tr.model
 
     def j_loss(params, rng):
@@ -484,8 +487,7 @@ def bench_phases(args: argparse.Namespace) -> dict[str, Any]:
     j_fwd, j_grad = jax.jit(j_loss), jax.jit(jax.grad(j_loss))
 
     def t_loss() -> torch.Tensor:
-        tbs = {t: tb.to_torch_batch(batches[t]) for t in tasks}
-        return sum(tb.task_loss(t, model.scores(t, tbs[t]), tbs[t], model._kind(t)) for t in tasks)
+        return sum(tb.task_losses(model, {t: tb.to_torch_batch(batches[t]) for t in tasks}, tasks).values())
 
     def t_fwd_bwd() -> None:
         model.zero_grad(set_to_none=True)

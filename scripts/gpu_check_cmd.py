@@ -102,18 +102,16 @@ def _step_arm(s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> di
     import jax
     import torch
 
-    from scripts.bench_cmd import JaxArm, TorchArm, interleave, stats, synthetic_batches
+    from scripts.bench_cmd import interleave, stats, step_arms
     from train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=s.batch, max_len=s.seq,
                                      buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn,
                                      scan_layers=s.scan_layers))
-    jx = JaxArm(cfg)
     # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
     # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.torch_device == "cuda"
-    tr = TorchArm(cfg, jx.params0, t_attn, device=s.torch_device, autocast_dtype=t_dtype)
-    batches = synthetic_batches(jx.spec.bert.vocab_size, s.batch, s.seq, 0, cross=s.heads.cross_tasks)
+    jx, tr, batches = step_arms(cfg, 0, t_attn, s.batch, s.seq, device=s.torch_device, autocast_dtype=t_dtype)
     with jx.events:
         t0 = time.perf_counter()
         jx(batches)
@@ -141,7 +139,7 @@ def _population(s: _Setup) -> dict[str, Any]:
     base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=pb, max_len=s.seq,
                                       buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
     # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
-    # bert-base step took 200-240 s to compile (XLA's GEMM autotuning), so K separate programs cost minutes.
+    # bert-base step took 56-103 s to compile (200-240 s with Triton GEMMs), so K separate programs cost minutes.
     cfgs = member_configs(base, [{"seed": i} for i in range(k)])
     pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
     for arm in singles[1:]:

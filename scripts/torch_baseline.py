@@ -246,6 +246,12 @@ def to_torch_batch(batch: dict[str, np.ndarray], device: str | torch.device | No
     return out
 
 
+def task_losses(model: TorchMultitask, batches: dict[str, dict[str, torch.Tensor]], tasks: Sequence[str]
+                ) -> dict[str, torch.Tensor]:
+    """Each task's loss on its (torch) batch, scores in float32 (as under autocast)."""
+    return {t: task_loss(t, model.scores(t, batches[t]).float(), batches[t], model._kind(t)) for t in tasks}
+
+
 def make_torch_step(
     model: TorchMultitask,
     opt: torch.optim.Optimizer,
@@ -281,7 +287,7 @@ def make_torch_step(
         if combine in ("sum", "mean"):
             with torch.autocast(device_type=torch.device(device or "cpu").type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                losses = {t: task_loss(t, model.scores(t, tb[t]).float(), tb[t], model._kind(t)) for t in tasks}
+                losses = task_losses(model, tb, tasks)
             total = sum(losses.values())
             (total / len(tasks) if combine == "mean" else total).backward()
         else:
