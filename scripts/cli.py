@@ -146,7 +146,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"final dev metrics (step {result['step']}): {shown}\n"
               f"best dev overall {result['best_overall']:.4f}; best checkpoint: {result['best_checkpoint']}\n"
               f"wall {result['wall_s'] / 60:.1f} min; compiling {result['compile_s']:.1f} s "
-              f"({result['xla_compiles']} XLA compiles, {result['compile_cache_hits']} loaded from the compile cache)",
+              f"({result['xla_compiles']} XLA compiles, {result['compile_cache_hits']} loaded from the compile cache; "
+              f"{result['stored_programs']} programs loaded from the executable store)",
               file=sys.stderr)
     if result["stopped"]:
         print(f"bert-jax train: interrupted by signal {stop['sig']}; checkpoint saved at step {result['step']}, "

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from train import compilation
 from train.compilation import ENV_VAR, default_cache_dir, resolve_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +29,155 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_VAR, "off")
     assert resolve_cache_dir() is None
     assert resolve_cache_dir("OFF") is None
+
+
+def _affine(x, w, *, act: str):
+    y = x @ w + 1.0
+    return {"y": jnp.tanh(y) if act == "tanh" else y, "sum": y.sum()}
+
+
+def _never_traced(x, w, *, act: str):
+    raise AssertionError("traced: the stored executable was not used")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """The executable store switched on in a temporary directory (as `enable_cache` does for the CLI)."""
+    monkeypatch.setattr(compilation, "_STORE_DIR", tmp_path / "executables")
+    return tmp_path / "executables"
+
+
+def test_stored_program_is_loaded_by_a_fresh_program_without_tracing(store):
+    """What a second process sees: a new StoredProgram of the same name loads the executable, traces nothing, and
+    computes what numpy computes; another shape or static argument is another program; an unreadable file is
+    recompiled and replaced."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    want = np.tanh(x @ w + 1.0)
+    first = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
+    np.testing.assert_allclose(first(x, w, act="tanh")["y"], want, rtol=1e-6)
+    files = sorted(store.glob("affine-*.bin"))
+    assert len(files) == 1
+
+    second = compilation.StoredProgram(jax.jit(_never_traced, static_argnames="act"), "affine")
+    with compilation.CompileEvents() as events:
+        out = second(x, w, act="tanh")
+    np.testing.assert_allclose(out["y"], want, rtol=1e-6)
+    np.testing.assert_allclose(out["sum"], (x @ w + 1.0).sum(), rtol=1e-6)
+    summary = events.summary()
+    assert summary["store_hits"] == 1 and summary["store_load_s"] > 0 and summary["trace_s"] == 0
+    assert second._cache_size() == 1
+    second(x, w, act="tanh")  # the same shape again: the process's own executable, no second load
+    assert second._cache_size() == 1
+
+    third = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
+    np.testing.assert_allclose(third(x[:1], w, act="tanh")["y"], want[:1], rtol=1e-6)  # another shape
+    np.testing.assert_allclose(third(x, w, act="none")["y"], x @ w + 1.0, rtol=1e-6)  # another static argument
+    assert len(list(store.glob("affine-*.bin"))) == 3
+
+    files[0].write_bytes(b"not an executable")
+    fourth = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
+    with pytest.warns(UserWarning, match="unreadable stored executable"):
+        np.testing.assert_allclose(fourth(x, w, act="tanh")["y"], want, rtol=1e-6)
+    fifth = compilation.StoredProgram(jax.jit(_never_traced, static_argnames="act"), "affine")
+    np.testing.assert_allclose(fifth(x, w, act="tanh")["y"], want, rtol=1e-6)  # the file was rewritten whole
+
+
+def test_stored_program_key_covers_the_source_and_the_settings(store, monkeypatch):
+    sp = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
+    shapes = (jax.tree.structure((1, 2)), ("f32[2,3]", "f32[3,4]"), (("act", "tanh"),))
+    key = sp.key(shapes)
+    assert key == sp.key(shapes)
+    assert sp.key((shapes[0], ("f32[1,3]", "f32[3,4]"), shapes[2])) != key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert sp.key(shapes) != key  # XLA flags change the executable
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(compilation, "source_digest", lambda: "edited")
+    assert sp.key(shapes) != key  # an edit of bert_jax/ or train/ invalidates every stored program
+
+
+def test_stored_program_off_is_the_plain_jitted_call(monkeypatch, tmp_path):
+    monkeypatch.setattr(compilation, "_STORE_DIR", None)
+    sp = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
+    x, w = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
+    np.testing.assert_allclose(sp(x, w, act="none")["y"], np.full((2, 4), 4.0))
+    assert sp._compiled == {} and sp.jitted._cache_size() == 1
+
+
+_TWO_RUNS = """
+import json, sys
+from scripts.cli import main
+import train.step as S
+args, out = sys.argv[1:-1], sys.argv[-1]
+results = []
+for i in (1, 2):
+    S._task_grad._compiled.clear(), S._scores._compiled.clear()  # as in a new process: nothing compiled yet
+    assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args]) == 0
+with open(out + "/done", "w") as f:
+    f.write("ok")
+"""
+
+
+def test_second_run_loads_its_programs_and_trains_the_same_model(tmp_path, tiny_vocab_bert_dir, tiny_data_dir):
+    """The recipe's per-task and scoring programs, written by a first run, are loaded by a second run of the same
+    config (no tracing), which then records the same dev metrics bitwise and reports the loads."""
+    from tests.test_recipe import TINY
+    from train.trainer import TIMING_KEYS
+
+    args = ["--config", "cpu-recipe", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(tiny_data_dir),
+            "--quiet", *TINY, "eval_every=1"]
+    r = subprocess.run([sys.executable, "-c", _TWO_RUNS, *args, str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and (tmp_path / "done").is_file(), r.stderr[-3000:]
+    stored = list((tmp_path / "cache" / "executables").glob("*.bin"))
+    assert {f.name.split("-")[0] for f in stored} == {"task_grad", "scores"}
+    finals = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [f["stored_programs"] for f in finals] == [0, len(stored)]
+    records = [[{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+                for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()] for i in (1, 2)]
+    assert len(records[0]) == 2 and records[0] == records[1]
+
+
+_SCORE_ONCE = """
+import sys
+import jax, numpy as np
+from train import compilation
+mode, cache, ckpt, out = sys.argv[1:]
+compilation.enable_cache(cache)
+if mode == "jax-cache-only":  # what a run before the executable store left behind
+    compilation._STORE_DIR = None
+from train.config import resolve_config
+from train.step import init_model, make_eval_fn
+cfg = resolve_config("tiny", [f"checkpoint={ckpt}"])
+spec, params = init_model(cfg, jax.random.key(0))
+rng = np.random.default_rng(0)
+batch = {"input_ids": rng.integers(5, 90, (4, 16)).astype(np.int32), "attention_mask": np.ones((4, 16), np.int32),
+         "token_type_ids": np.zeros((4, 16), np.int32)}
+with compilation.CompileEvents() as ev:
+    np.save(out, np.asarray(make_eval_fn(spec)(params, "sst", batch)))
+print(ev.summary()["store_hits"])
+"""
+
+
+def test_store_compiles_fresh_when_jax_cache_has_the_program(tmp_path, tiny_bert_dir):
+    """A program that JAX's persistent cache already holds (a run before the store) is compiled again for the store:
+    an executable JAX loaded from its cache serializes without its kernels (XLA CPU), and the next process would
+    fail running it ("Function ... not found")."""
+    def score(mode: str, name: str) -> tuple[np.ndarray, int]:
+        r = subprocess.run([sys.executable, "-c", _SCORE_ONCE, mode, str(tmp_path / "cache"), str(tiny_bert_dir),
+                            str(tmp_path / name)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return np.load(tmp_path / name), int(r.stdout.split()[-1])
+
+    ref, _ = score("jax-cache-only", "ref.npy")
+    assert not (tmp_path / "cache" / "executables").exists()
+    first, hits = score("store", "first.npy")
+    assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == 1
+    loaded, hits = score("store", "loaded.npy")
+    assert hits == 1
+    np.testing.assert_array_equal(first, ref)
+    np.testing.assert_array_equal(loaded, ref)
 
 
 _PROGRAM = """

@@ -28,6 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from train.trainer import TIMING_KEYS
+
 # orbax must not leave tracebacks behind (e.g. "Exception ignored in <coroutine>" after a failed restore)
 # (orbax objects of *other* tests can be garbage-collected during these tests and warn about their
 # closed asyncio loops, so unraisable-exception warnings are not turned into errors here; the
@@ -146,13 +148,11 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert _metrics_records(run) == _metrics_records(ref)
 
 
-# measurements of the process, not of the training (they differ between any two runs)
-_TIMING_KEYS = ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")
-
 
 def _metrics_records(run: Path) -> list[dict]:
-    """metrics.jsonl's records with the timing keys left out; the rest must be equal (bitwise floats)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in _TIMING_KEYS}
+    """metrics.jsonl's records with the timing keys (measurements of the process, not of the training) left out;
+    the rest must be equal (bitwise floats)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

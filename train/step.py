@@ -18,6 +18,7 @@ import optax
 import bert_jax
 from bert_jax import BertConfig, Params
 from train import combine as combine_methods
+from train.compilation import StoredProgram
 from train.config import TrainConfig
 from train.heads import HeadConfig, init_heads, task_scores
 from train.losses import task_loss
@@ -132,8 +133,8 @@ def make_split_train_step(
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "task", "tasks", "finetune"))
-def _task_grad(params: Params, batch: Batch, rng: jax.Array, step: jax.Array, *, spec: ModelSpec, task: str,
-               tasks: tuple[str, ...], finetune: bool) -> tuple[jax.Array, Params]:
+def _task_grad_jit(params: Params, batch: Batch, rng: jax.Array, step: jax.Array, *, spec: ModelSpec, task: str,
+                   tasks: tuple[str, ...], finetune: bool) -> tuple[jax.Array, Params]:
     """(loss, gradient) of one task's batch: the split step's per-task program. Module level, so every split
     step of the process (sum, mean, PCGrad; any optimizer) shares its compiled programs per (spec, task, shape)."""
     _, keys = _task_keys(rng, step, tasks)
@@ -143,6 +144,10 @@ def _task_grad(params: Params, batch: Batch, rng: jax.Array, step: jax.Array, *,
         return loss_fn(p, spec, task, batch, keys[task])
 
     return jax.value_and_grad(loss)(params)
+
+
+# its executables persist across processes (train.compilation): a second run loads them without tracing
+_task_grad = StoredProgram(_task_grad_jit, "task_grad")
 
 
 def make_train_step(
@@ -246,20 +251,33 @@ def _sharded_step(step: Callable, dp: DataParallel) -> Callable:
     return call
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "task"))
+def _scores_jit(params: Params, batch: Batch, *, spec: ModelSpec, task: str) -> jax.Array:
+    """Deterministic scores of one task's batch (the dev-set scorer of a single-device run)."""
+    return task_scores(params, spec.bert, spec.heads, task, batch, None)
+
+
+_scores = StoredProgram(_scores_jit, "scores")
+
+
 def make_eval_fn(spec: ModelSpec, dp: DataParallel | None = None) -> Callable[[Params, str, Batch], jax.Array]:
     """A jitted deterministic `scores(params, task, batch)` (task is static).
 
-    With `dp`, `params` must be placed on its mesh (`dp.put(params)`) and `batch` is a global numpy
+    On one device its executables are `train.compilation.StoredProgram`s (one per task and batch shape). With `dp`, `params` must be placed on its mesh (`dp.put(params)`) and `batch` is a global numpy
     batch of any size (padded internally to a multiple of the mesh size); scores are replicated.
     """
 
-    def scores(params: Params, task: str, batch: Batch) -> jax.Array:
-        if dp is not None:
-            params = dp.gather(params)
-        return task_scores(params, spec.bert, spec.heads, task, batch, None)
-
     if dp is None:
-        return jax.jit(scores, static_argnums=(1,))
+        def single(params: Params, task: str, batch: Batch) -> jax.Array:
+            return _scores(params, batch, spec=spec, task=task)
+
+        # AOT, like a jitted function's: `.lower(params, task, batch).compile()` is then called as `(params, batch)`
+        single.lower = lambda params, task, batch: _scores_jit.lower(params, batch, spec=spec, task=task)
+        return single
+
+    def scores(params: Params, task: str, batch: Batch) -> jax.Array:
+        return task_scores(dp.gather(params), spec.bert, spec.heads, task, batch, None)
+
     jitted = jax.jit(scores, static_argnums=(1,), out_shardings=dp.replicated)
 
     def call(params: Params, task: str, batch: Batch) -> jax.Array:

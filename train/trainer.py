@@ -47,7 +47,7 @@ import bert_jax
 from bert_jax import Params
 from bert_jax.tokenizer import tokenizer_files
 from train import data as D
-from train.compilation import CompileEvents
+from train.compilation import CompileEvents, freeze_heap
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
@@ -386,10 +386,14 @@ def eval_pending(last_record: dict[str, Any], step: int, per_epoch: int, total: 
     return last_record.get("step") != step and eval_due(step, per_epoch, total, eval_every)
 
 
+TIMING_KEYS = ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits", "stored_programs")  # not dev metrics
+
+
 def compile_record(compiles: CompileEvents) -> dict[str, Any]:
     """This process's compile time so far (a resumed run counts from its restart), as metrics.jsonl records it."""
     c = compiles.summary()
-    return {"compile_s": c["total_s"], "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"]}
+    return {"compile_s": c["total_s"], "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"],
+            "stored_programs": c["store_hits"]}
 
 
 def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
@@ -423,6 +427,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     loop.add_hook(end.log_steps, every=log_every)
     for hook in (end.log_steps, end.save, end.evaluate):
         loop.add_hook(hook, epoch_end=True)
+    freeze_heap()  # data, parameters and modules are loaded: keep the collector off them while programs trace
     compiles.__enter__()
     try:
         if pending:
@@ -435,7 +440,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
         compiles.__exit__()
         ckpt.close()
         close_hooks(hooks)
-    dev = {k: v for k, v in end.metrics.items() if k not in ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits")}
+    dev = {k: v for k, v in end.metrics.items() if k not in TIMING_KEYS}
     return {**dev, "best_overall": end.best, "step": global_step, "stopped": stopped,
             "best_checkpoint": str(run / "best" / str(best_step)) if best_step is not None else None,
             "wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
