@@ -292,3 +292,12 @@ def test_gpu_check_imports_only_what_the_gpu_machine_has():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_frozen_heap_hands_the_objects_back():
+    import gc
+
+    before = gc.get_freeze_count()
+    with compilation.frozen_heap():
+        inside = gc.get_freeze_count()
+    assert inside > before and gc.get_freeze_count() == 0  # a training process can collect its finished runs

@@ -38,7 +38,7 @@ from bert_jax.tokenizer import tokenizer_files
 from train import combine as combine_methods
 from train import data as D
 from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
-from train.compilation import CompileEvents, freeze_heap
+from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
@@ -353,16 +353,14 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     loop.add_hook(log_steps, every=log_every)
     for hook in (log_steps, save, evaluate_all):
         loop.add_hook(hook, epoch_end=True)
-    freeze_heap()  # see train.trainer: the collector stays off the loaded data and parameters
-    compiles.__enter__()
     try:
-        if pending_eval:
-            evaluate_all(StepInfo(start, (start - 1) // per_epoch, state, None, boundary=True))
-        state, step, stopped = loop.run(lambda st, g, batches: step_fn(st, batches, hp), state, start)
+        with frozen_heap(), compiles:  # see train.trainer
+            if pending_eval:
+                evaluate_all(StepInfo(start, (start - 1) // per_epoch, state, None, boundary=True))
+            state, step, stopped = loop.run(lambda st, g, batches: step_fn(st, batches, hp), state, start)
         if stopped:
             log({"event": "stopped", "reason": "signal", "step": step})
     finally:
-        compiles.__exit__()
         close_hooks(hooks)
     wall = round(time.perf_counter() - t_start, 1)
     out = []

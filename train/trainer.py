@@ -47,7 +47,7 @@ import bert_jax
 from bert_jax import Params
 from bert_jax.tokenizer import tokenizer_files
 from train import data as D
-from train.compilation import CompileEvents, freeze_heap
+from train.compilation import CompileEvents, frozen_heap
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
@@ -427,17 +427,16 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     loop.add_hook(end.log_steps, every=log_every)
     for hook in (end.log_steps, end.save, end.evaluate):
         loop.add_hook(hook, epoch_end=True)
-    freeze_heap()  # data, parameters and modules are loaded: keep the collector off them while programs trace
-    compiles.__enter__()
+    # data, parameters and modules are loaded: the collector stays off them while programs trace
     try:
-        if pending:
-            end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
-        state, global_step, stopped = loop.run(one_step, start.state, start_step)
+        with frozen_heap(), compiles:
+            if pending:
+                end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
+            state, global_step, stopped = loop.run(one_step, start.state, start_step)
         best_step = ckpt.best_step()
         if stopped:
             log({"event": "stopped", "reason": "signal", "step": global_step})
     finally:
-        compiles.__exit__()
         ckpt.close()
         close_hooks(hooks)
     dev = {k: v for k, v in end.metrics.items() if k not in TIMING_KEYS}
