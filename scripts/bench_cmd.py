@@ -494,12 +494,12 @@ def bench_phases(args: argparse.Namespace) -> dict[str, Any]:
         t_loss().backward()
 
     key = jax.random.key(args.seed + 7)
-    arms = {"jax_forward": lambda: float(j_fwd(jx.params0, key)), "torch_forward": lambda: float(t_loss()),
+    arms = {"jax_forward": lambda: float(j_fwd(jx.params0, key)), "torch_forward": lambda: float(t_loss().detach()),
             "jax_forward_backward": lambda: jax.block_until_ready(j_grad(jx.params0, key)), "torch_forward_backward": t_fwd_bwd,
             "a": lambda: jx(batches), "b": lambda: tr(batches)}
     with jx.events:
         # before any update (the PyTorch step trains its model in place): the same number when dropout is off
-        losses = {"jax": float(j_fwd(jx.params0, key)), "torch": float(t_loss())}
+        losses = {"jax": float(j_fwd(jx.params0, key)), "torch": float(t_loss().detach())}
         first = {name: seconds(fn) for name, fn in arms.items()}
     for _ in range(args.warmup):
         for fn in arms.values():
