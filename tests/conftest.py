@@ -11,6 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BERT_JAX_DATA", REPO.parent / "shared" / "data"))
 
+# CLI calls in the tests enable the compile cache and the executable store: keep their programs out of the
+# user's cache (a test that patched traced code must never leave a program there), in a cache of their own.
+from train.compilation import ENV_VAR, default_cache_dir  # noqa: E402
+
+os.environ.setdefault(ENV_VAR, str(default_cache_dir().parent / "tests"))
+
 TINY = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
     max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,

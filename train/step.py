@@ -263,8 +263,9 @@ _scores = StoredProgram(_scores_jit, "scores")
 def make_eval_fn(spec: ModelSpec, dp: DataParallel | None = None) -> Callable[[Params, str, Batch], jax.Array]:
     """A jitted deterministic `scores(params, task, batch)` (task is static).
 
-    On one device its executables are `train.compilation.StoredProgram`s (one per task and batch shape). With `dp`, `params` must be placed on its mesh (`dp.put(params)`) and `batch` is a global numpy
-    batch of any size (padded internally to a multiple of the mesh size); scores are replicated.
+    On one device its executables are `train.compilation.StoredProgram`s (one per task and batch shape).
+    With `dp`, `params` must be placed on its mesh (`dp.put(params)`) and `batch` is a global numpy batch
+    of any size (padded internally to a multiple of the mesh size); scores are replicated.
     """
 
     if dp is None:
