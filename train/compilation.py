@@ -120,26 +120,6 @@ def environment_digest() -> str:
 _FRESH = {"xla_embed_ir_in_executable": False}
 
 
-class _JaxCacheHits:
-    """Persistent-cache hits of this process so far (one jax.monitoring listener, installed on first use)."""
-
-    count = 0
-    _installed = False
-
-    @classmethod
-    def now(cls) -> int:
-        if not cls._installed:
-            import jax
-
-            def on_event(name: str, **kwargs: Any) -> None:
-                if name == "/jax/compilation_cache/cache_hits":
-                    cls.count += 1
-
-            jax.monitoring.register_event_listener(on_event)
-            cls._installed = True
-        return cls.count
-
-
 class StoredProgram:
     """A jitted function whose compiled executables persist across processes (`jax.experimental.serialize_executable`).
 
@@ -233,9 +213,9 @@ class StoredProgram:
         # Compiled fresh: an executable that JAX loaded from its own cache serializes without its kernels (XLA CPU:
         # "Function ... not found" when the stored copy runs), so the store compiles under an option JAX's cache key
         # sees (`_FRESH`, a no-op for the program), and stores nothing if JAX's cache answered all the same.
-        hits = _JaxCacheHits.now()
+        hits = CompileEvents.jax_cache_hits()
         compiled = self.jitted.trace(*args, **static).lower().compile(compiler_options=_FRESH)
-        if _JaxCacheHits.now() != hits:
+        if CompileEvents.jax_cache_hits() != hits:
             return compiled
         try:
             blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
@@ -257,6 +237,7 @@ class CompileEvents:
              "/jax/core/compile/backend_compile_duration": "backend_compile_s",
              STORE_LOAD_EVENT: "store_load_s"}
     _installed: "CompileEvents | None" = None
+    _process_cache_hits = 0  # every persistent-cache hit of this process, whether or not an instance is active
 
     def __init__(self) -> None:
         self.active = False
@@ -280,9 +261,17 @@ class CompileEvents:
             if name == "/jax/core/compile/backend_compile_duration":
                 self.compiles += 1
 
+    @classmethod
+    def jax_cache_hits(cls) -> int:
+        """JAX persistent-cache hits of this process so far (installs the listener on first use)."""
+        if cls._installed is None:
+            cls()
+        return cls._process_cache_hits
+
     def _on_count(self, name: str, **kwargs: Any) -> None:
-        if self.active and name == "/jax/compilation_cache/cache_hits":
-            self.cache_hits += 1
+        if name == "/jax/compilation_cache/cache_hits":
+            CompileEvents._process_cache_hits += 1
+            self.cache_hits += self.active
         elif self.active and name == STORE_HIT_EVENT:
             self.store_hits += 1
 

@@ -386,14 +386,16 @@ def eval_pending(last_record: dict[str, Any], step: int, per_epoch: int, total: 
     return last_record.get("step") != step and eval_due(step, per_epoch, total, eval_every)
 
 
-TIMING_KEYS = ("wall_s", "compile_s", "xla_compiles", "compile_cache_hits", "stored_programs")  # not dev metrics
+# metrics.jsonl's compile fields <- CompileEvents.summary() keys
+_COMPILE_FIELDS = {"compile_s": "total_s", "xla_compiles": "xla_compiles", "compile_cache_hits": "cache_hits",
+                   "stored_programs": "store_hits"}
+TIMING_KEYS = ("wall_s", *_COMPILE_FIELDS)  # not dev metrics
 
 
 def compile_record(compiles: CompileEvents) -> dict[str, Any]:
     """This process's compile time so far (a resumed run counts from its restart), as metrics.jsonl records it."""
     c = compiles.summary()
-    return {"compile_s": c["total_s"], "xla_compiles": c["xla_compiles"], "compile_cache_hits": c["cache_hits"],
-            "stored_programs": c["store_hits"]}
+    return {field: c[key] for field, key in _COMPILE_FIELDS.items()}
 
 
 def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume: bool,
