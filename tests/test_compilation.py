@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -84,47 +83,6 @@ def test_stored_program_is_loaded_by_a_fresh_program_without_tracing(store):
     np.testing.assert_allclose(fifth(x, w, act="tanh")["y"], want, rtol=1e-6)  # the file was rewritten whole
 
 
-def test_first_call_loads_every_stored_shape_of_the_family_in_parallel(store, monkeypatch):
-    """A fresh program's first call loads all stored shapes of its name and static arguments at once, on several
-    threads; its other shapes then run without tracing or loading; another static argument is another family."""
-    import threading
-
-    from jax.experimental import serialize_executable
-
-    x = np.arange(24, dtype=np.float32).reshape(8, 3) / 7
-    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-    first = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
-    for n in (1, 2, 4, 8):
-        first(x[:n], w, act="tanh")
-    first(x, w, act="none")
-    assert len(list(store.glob("affine-*.bin"))) == 5
-
-    threads: set[int] = set()
-    real = serialize_executable.deserialize_and_load
-
-    def recording(*a, **k):
-        threads.add(threading.get_ident())
-        time.sleep(0.05)
-        return real(*a, **k)
-
-    monkeypatch.setattr(serialize_executable, "deserialize_and_load", recording)
-    second = compilation.StoredProgram(jax.jit(_never_traced, static_argnames="act"), "affine")
-    with compilation.CompileEvents() as events:
-        np.testing.assert_allclose(second(x[:2], w, act="tanh")["y"], np.tanh(x[:2] @ w + 1.0), rtol=1e-6)
-    assert events.summary()["store_hits"] == 1 and events.summary()["store_load_s"] > 0
-    assert len(second._loaded) == 3  # the family's other shapes, loaded and waiting; not the "none" program
-    if len(os.sched_getaffinity(0)) > 1:
-        assert len(threads) > 1
-    with compilation.CompileEvents() as events:
-        for n in (1, 4, 8):
-            np.testing.assert_allclose(second(x[:n], w, act="tanh")["y"], np.tanh(x[:n] @ w + 1.0), rtol=1e-6)
-    s = events.summary()
-    assert s["store_hits"] == 3 and s["store_load_s"] == 0 and s["trace_s"] == 0 and second._loaded == {}
-    with compilation.CompileEvents() as events:
-        np.testing.assert_allclose(second(x, w, act="none")["y"], x @ w + 1.0, rtol=1e-6)
-    assert events.summary()["store_hits"] == 1 and events.summary()["store_load_s"] > 0
-
-
 def test_stored_program_key_covers_the_source_and_the_settings(store, monkeypatch):
     sp = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
     shapes = (jax.tree.structure((1, 2)), ("f32[2,3]", "f32[3,4]"), (("act", "tanh"),))
@@ -153,7 +111,7 @@ import train.step as S
 args, out = sys.argv[1:-1], sys.argv[-1]
 results = []
 for i in (1, 2):
-    S._task_grad.forget(), S._scores.forget()  # as in a new process: nothing compiled or loaded yet
+    S._task_grad._compiled.clear(), S._scores._compiled.clear()  # as in a new process: nothing compiled yet
     assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args]) == 0
 with open(out + "/done", "w") as f:
     f.write("ok")
@@ -182,7 +140,6 @@ def test_second_run_loads_its_programs_and_trains_the_same_model(tmp_path, tiny_
 
 _SCORE_ONCE = """
 import sys
-import time
 import jax, numpy as np
 from train import compilation
 mode, cache, ckpt, out = sys.argv[1:]
@@ -225,7 +182,6 @@ def test_store_compiles_fresh_when_jax_cache_has_the_program(tmp_path, tiny_bert
 
 _PROGRAM = """
 import sys
-import time
 from scripts.cli import main
 sys.exit(main(sys.argv[1:]))
 """

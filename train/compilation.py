@@ -128,24 +128,12 @@ class StoredProgram:
     `jitted`; else through one `jax.stages.Compiled` per input shape, loaded from the store when it has the
     program and compiled (then written, atomically) when not. `static` are `jitted`'s static keyword arguments;
     their `repr` is part of the key, so they must be values whose repr states them fully (frozen dataclasses,
-    strings, tuples).
-
-    A program's shapes form a family (same function, static arguments, source and environment; file names
-    `NAME-FAMILY-KEY.bin`). The first call of a family loads every stored shape of it at once, on as many
-    threads as the process has cores (XLA's deserialization releases the GIL), so a run that uses 18 shapes of
-    its per-task program waits for one parallel load instead of 18 serial ones. Each load batch is one
-    `STORE_LOAD_EVENT` (its wall time); each stored executable used is one `STORE_HIT_EVENT`.
+    strings, tuples). Loads are recorded as `STORE_LOAD_EVENT` (counted by `CompileEvents`).
     """
 
     def __init__(self, jitted: Callable, name: str):
         self.jitted, self.name = jitted, name
-        self.forget()
-
-    def forget(self) -> None:
-        """Drop this process's executables (as a new process would start)."""
         self._compiled: dict[Any, Any] = {}
-        self._loaded: dict[Path, Any] = {}  # stored file -> its executable, or the exception loading raised
-        self._families: set[str] = set()  # families already loaded from the store
 
     def __call__(self, *args: Any, **static: Any) -> Any:
         import jax
@@ -163,53 +151,26 @@ class StoredProgram:
         """Programs of this process: stored-path executables plus the plain jitted function's cache."""
         return len(self._compiled) + self.jitted._cache_size()
 
-    def family(self, static_items: tuple) -> str:
-        """What every input shape of this program shares: name, static arguments, source, environment."""
-        parts = (self.name, repr(static_items), source_digest(), environment_digest())
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
     def key(self, shapes: tuple) -> str:
         parts = (self.name, repr(shapes[0]), shapes[1], repr(shapes[2]), source_digest(), environment_digest())
         return hashlib.sha256(repr(parts).encode()).hexdigest()
-
-    def _load_family(self, store: Path, family: str) -> None:
-        """Load every stored shape of `family` into `self._loaded`, in parallel; one load event for the batch."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from jax.experimental import serialize_executable
-
-        def load(path: Path) -> Any:
-            try:
-                payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
-                return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-            except Exception as e:  # a truncated or foreign file: reported (and recompiled) when its shape is used
-                return e
-
-        paths = sorted(store.glob(f"{self.name}-{family}-*.bin"))
-        if not paths:
-            return
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(len(paths), len(os.sched_getaffinity(0)))) as pool:
-            self._loaded.update(zip(paths, pool.map(load, paths)))
-        import jax
-
-        jax.monitoring.record_event_duration_secs(STORE_LOAD_EVENT, time.perf_counter() - t0)
 
     def _load_or_compile(self, args: tuple, static: dict[str, Any], shapes: tuple, store: Path) -> Any:
         import jax
         from jax.experimental import serialize_executable
 
-        family = self.family(shapes[2])
-        if family not in self._families:
-            self._families.add(family)
-            self._load_family(store, family)
-        path = store / f"{self.name}-{family}-{self.key(shapes)}.bin"
-        loaded = self._loaded.pop(path, None)
-        if isinstance(loaded, Exception):
-            warnings.warn(f"{path}: unreadable stored executable ({type(loaded).__name__}: {loaded}); compiling")
-        elif loaded is not None:
-            jax.monitoring.record_event(STORE_HIT_EVENT)
-            return loaded
+        path = store / f"{self.name}-{self.key(shapes)}.bin"
+        if path.is_file():
+            t0 = time.perf_counter()
+            try:
+                payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            except Exception as e:  # a truncated or foreign file: compile instead, and overwrite it
+                warnings.warn(f"{path}: unreadable stored executable ({type(e).__name__}: {e}); compiling")
+            else:
+                jax.monitoring.record_event_duration_secs(STORE_LOAD_EVENT, time.perf_counter() - t0)
+                jax.monitoring.record_event(STORE_HIT_EVENT)
+                return compiled
         # Compiled fresh: an executable that JAX loaded from its own cache serializes without its kernels (XLA CPU:
         # "Function ... not found" when the stored copy runs), so the store compiles under an option JAX's cache key
         # sees (`_FRESH`, a no-op for the program), and stores nothing if JAX's cache answered all the same.
