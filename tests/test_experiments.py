@@ -64,3 +64,45 @@ def test_driver_resumes_and_reports(tmp_path, tiny_data_dir, tiny_vocab_bert_dir
     assert "[train]" not in third.stderr and "[ensembles] skipped: member run(s) not done: sst-finetune" in third.stderr
     assert f"{done['overall']:.3f} / 0.666" in (out / "REPORT.md").read_text()
     assert set(json.loads((out / "study.json").read_text())["runs"]) == {"sum", "sum-seed1", "sst-pretrain"}
+
+
+def _r(sst, para, sts, overall, **extra):
+    return {"sst": sst, "para": para, "sts": sts, "overall": overall, **extra}
+
+
+def test_findings_mark_each_claim_against_the_seed_band():
+    """Hand-made results with a known noise band (sum vs sum-seed1: SST 0.01, para 0, STS 0.04, overall 0.01)."""
+    from scripts.experiments_cmd import findings
+
+    runs = {
+        "sum": _r(0.37, 0.70, 0.49, 0.60), "sum-seed1": _r(0.38, 0.70, 0.53, 0.61),
+        "mean": _r(0.37, 0.70, 0.49, 0.605),  # +0.005: inside the band
+        "sum-drop0.4": _r(0.37, 0.70, 0.49, 0.60), "mean-drop0.4": _r(0.37, 0.70, 0.49, 0.63),  # +0.03: outside
+        "pcgrad": _r(0.37, 0.70, 0.49, 0.62),  # +0.02: a gain beyond the band
+        "cosine": _r(0.33, 0.40, 0.79, 0.54),  # STS +0.30, para -0.30
+        "lr2e-5": _r(0.4, 0.7, 0.5, 0.62), "lr3e-5": _r(0.4, 0.7, 0.5, 0.64), "lr4e-5": _r(0.4, 0.7, 0.5, 0.66),
+        "lr5e-5": _r(0.4, 0.7, 0.5, 0.63), "lr6e-5": _r(0.4, 0.7, 0.5, 0.61),  # peak at 4e-5, +0.05 over 0.61
+        "sst-finetune": _r(0.45, 0.4, 0.0, 0.46), "para-finetune": _r(0.2, 0.73, 0.0, 0.45),
+        "sts-finetune": _r(0.1, 0.4, 0.49, 0.42),  # multitask: SST -0.08, para -0.03, STS 0.00
+    }
+    text = "\n".join(findings(runs, {"ensemble5": _r(0.4, 0.7, 0.6, 0.62), "ensemble7": _r(0.4, 0.7, 0.6, 0.63)}))
+    verdict = {line.split("**")[1]: line.rsplit("→ **", 1)[1].rstrip("*") for line in text.splitlines() if line.startswith("- **")}
+    assert "sst 0.010, para 0.000, sts 0.040, overall 0.010" in text
+    assert verdict["Multitask beats single-task (Table 3, A.3)"] == "inconclusive / mixed across tasks"
+    assert verdict["Sum ≈ mean of the losses (A.1)"] == "not reproduced"  # the dropout-0.4 pair differs by 0.03
+    assert "`mean` − `sum` overall +0.005; `mean-drop0.4` − `sum-drop0.4` overall +0.030" in text
+    assert verdict["PCGrad gains nothing for its cost (Table 3)"] == "not reproduced (PCGrad gains beyond the noise)"
+    assert verdict["Cosine heads help STS"] == "reproduced" and verdict["Cosine heads hurt paraphrase"] == "reproduced"
+    fig4 = "Figure 4: overall rises with the learning rate, peaks (at 4e-5) and falls"
+    assert verdict[fig4] == "reproduced" and "peak at 4e-5 (report: 4e-5), +0.050 above the better end" in text
+    # the best ensemble is an ensemble of ensembles (7) but 0.03 below the best single run (lr4e-5): beyond the band
+    assert verdict["Ensembles of ensembles are best (Table 5)"] == "not reproduced"
+    assert "-0.030 over the best single run `lr4e-5`" in text
+
+    runs["mean-drop0.4"] = _r(0.37, 0.70, 0.49, 0.595)  # now both pairs inside the band
+    runs["pcgrad"] = _r(0.37, 0.70, 0.49, 0.605)
+    text = "\n".join(findings(runs, {"ensemble7": _r(0.4, 0.7, 0.6, 0.665)}))
+    verdict = {line.split("**")[1]: line.rsplit("→ **", 1)[1].rstrip("*") for line in text.splitlines() if line.startswith("- **")}
+    assert verdict["Sum ≈ mean of the losses (A.1)"] == "reproduced"
+    assert verdict["PCGrad gains nothing for its cost (Table 3)"] == "reproduced"
+    assert verdict["Ensembles of ensembles are best (Table 5)"] == "inconclusive (within the seed spread)"  # +0.005
