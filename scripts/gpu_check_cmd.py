@@ -1,8 +1,10 @@
 """`bert-jax gpu-check`: the prepared GPU check (also `scripts/gpu_check.sh`) on one NVIDIA GPU.
 
 On the H200 (2026-11-27) each bert-base train step took 200-240 s to compile with XLA's autotuned Triton GEMMs and
-56-103 s with Triton GEMMs off (`scripts/gpu_check.sh` sets that), so the whole check took ~8 minutes there, not
-its 5-minute goal: `--only PARTS` runs a subset.
+56-103 s with Triton GEMMs off (`scripts/gpu_check.sh` sets that), one after another, so the whole check took ~8
+minutes there, not its 5-minute goal. So the check now builds every part first, compiles all their JAX programs at
+once on the machine's cores (`--compile-jobs`, default all; not yet run on a GPU), then times the parts one after
+another with the compiled executables. `--only PARTS` runs a subset.
 
 Runs where nothing can be installed or downloaded: it needs only jax (with CUDA), flax, optax, torch and
 transformers, and no pretrained weights (random-init BERTs are written to a temporary directory). It prints:
@@ -97,63 +99,128 @@ def _parity(tmp: Path) -> dict[str, Any]:
     return compare(_save_random_bert(tmp / "tiny", 99, 0, **TINY), batch=4, seq=32)
 
 
-def _step_arm(s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str) -> dict[str, Any]:
+class _StepPart:
     """The multitask train step, JAX (`dtype`, `attn`) vs PyTorch (autocast `t_dtype`, `t_attn`), interleaved."""
-    import jax
-    import torch
 
-    from scripts.bench_cmd import interleave, stats, step_arms
-    from train.config import TrainConfig
+    def __init__(self, s: _Setup, dtype: str, attn: str, t_dtype: Any, t_attn: str):
+        import torch
 
-    cfg = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=s.batch, max_len=s.seq,
-                                     buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn,
-                                     scan_layers=s.scan_layers))
-    # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
-    # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.torch_device == "cuda"
-    jx, tr, batches = step_arms(cfg, 0, t_attn, s.batch, s.seq, device=s.torch_device, autocast_dtype=t_dtype)
-    with jx.events:
-        t0 = time.perf_counter()
-        jx(batches)
-        first = time.perf_counter() - t0
-    tr(batches)
-    for _ in range(2):
-        jx(batches)
+        from scripts.bench_cmd import step_arms
+        from train.config import TrainConfig
+
+        cfg = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=s.batch, max_len=s.seq,
+                                         buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, dtype=dtype, attention_impl=attn,
+                                         scan_layers=s.scan_layers))
+        # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; PyTorch's is full fp32 unless asked.
+        # Compare like with like: TF32 on both (the 2026-11-27 H200 run, before this, had PyTorch in full fp32).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.torch_device == "cuda"
+        self.s = s
+        self.jx, self.tr, self.batches = step_arms(cfg, 0, t_attn, s.batch, s.seq, device=s.torch_device,
+                                                   autocast_dtype=t_dtype)
+        self.compile_s: float | None = None  # set by `_compile_parts`
+
+    def programs(self) -> list[tuple[Any, tuple]]:
+        """(arm, its step's arguments): the JAX programs `_compile_parts` compiles ahead of the timing."""
+        return [(self.jx, (self.jx.state, self.batches, self.jx.key))]
+
+    def measure(self) -> dict[str, Any]:
+        import jax
+        import torch
+
+        from scripts.bench_cmd import interleave, stats
+
+        jx, tr, batches, s = self.jx, self.tr, self.batches, self.s
+        with jx.events:
+            t0 = time.perf_counter()
+            jx(batches)
+            first = time.perf_counter() - t0
         tr(batches)
-    t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, s.reps)
-    a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
-    return {"jax_s": a, "torch_s": b, "jax_over_torch": a / b, "jax_compile_s": jx.events.summary()["total_s"],
-            "jax_first_call_s": first, "jax_model_tflops": s.flops / a / 1e12, "torch_model_tflops": s.flops / b / 1e12,
-            "torch_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
-            "jax_scan_layers": jx.spec.bert.scan_layers}
+        for _ in range(2):
+            jx(batches)
+            tr(batches)
+        t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, s.reps)
+        a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
+        compile_s = self.compile_s if self.compile_s is not None else jx.events.summary()["total_s"]
+        return {"jax_s": a, "torch_s": b, "jax_over_torch": a / b, "jax_compile_s": compile_s,
+                "jax_first_call_s": first, "jax_model_tflops": s.flops / a / 1e12, "torch_model_tflops": s.flops / b / 1e12,
+                "torch_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
+                "jax_scan_layers": jx.spec.bert.scan_layers}
 
 
-def _population(s: _Setup) -> dict[str, Any]:
+class _PopulationPart:
     """K members as one vmapped fp32 step vs the K single-run steps one after another, interleaved."""
-    from scripts.bench_cmd import JaxArm, PopulationArm, interleave, stats, synthetic_batches
-    from train.config import TrainConfig
-    from train.population import member_configs
 
-    k, pb = (2, 2) if s.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
-    base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=pb, max_len=s.seq,
-                                      buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
-    # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
-    # bert-base step took 56-103 s to compile (200-240 s with Triton GEMMs), so K separate programs cost minutes.
-    cfgs = member_configs(base, [{"seed": i} for i in range(k)])
-    pop, singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
-    for arm in singles[1:]:
-        arm.fn = singles[0].fn  # same config but the seed: the same program, compiled once
-    batches = synthetic_batches(singles[0].spec.bert.vocab_size, pb, s.seq, 0, cross=s.heads.cross_tasks)
-    with pop.events:
+    def __init__(self, s: _Setup):
+        from scripts.bench_cmd import JaxArm, PopulationArm, synthetic_batches
+        from train.config import TrainConfig
+        from train.population import member_configs
+
+        self.s = s
+        self.k, self.pb = (2, 2) if s.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
+        base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=self.pb, max_len=s.seq,
+                                          buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
+        # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
+        # bert-base step took 56-103 s to compile (200-240 s with Triton GEMMs), so K separate programs cost minutes.
+        cfgs = member_configs(base, [{"seed": i} for i in range(self.k)])
+        self.pop, self.singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
+        self.batches = synthetic_batches(self.singles[0].spec.bert.vocab_size, self.pb, s.seq, 0,
+                                         cross=s.heads.cross_tasks)
+        self.compile_s: float | None = None
+
+    def programs(self) -> list[tuple[Any, tuple]]:
+        first = self.singles[0]
+        return [(self.pop, (self.pop.state, self.batches, self.pop.hyper)), (first, (first.state, self.batches, first.key))]
+
+    def measure(self) -> dict[str, Any]:
+        from scripts.bench_cmd import interleave, stats
+
+        pop, singles, batches = self.pop, self.singles, self.batches
+        for arm in singles[1:]:
+            arm.fn = singles[0].fn  # same config but the seed: the same program, compiled once
+        with pop.events:
+            pop(batches)
+        for arm in singles:
+            arm(batches)
         pop(batches)
-    for arm in singles:
-        arm(batches)
-    pop(batches)
-    t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, s.reps)
-    a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
-    return {"k": k, "batch": pb, "seq": s.seq, "population_s": a, "singles_s": b, "population_over_singles": a / b,
-            "population_compile_s": pop.events.summary()["total_s"], "impl": "vmap", "dtype": "float32"}
+        t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, self.s.reps)
+        a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
+        compile_s = self.compile_s if self.compile_s is not None else pop.events.summary()["total_s"]
+        return {"k": self.k, "batch": self.pb, "seq": self.s.seq, "population_s": a, "singles_s": b,
+                "population_over_singles": a / b, "population_compile_s": compile_s, "impl": "vmap", "dtype": "float32"}
+
+
+def _compile_parts(parts: dict[str, Any], jobs: int) -> dict[str, Any]:
+    """Compile every built part's JAX programs ahead of its timing, `jobs` at a time (XLA compiles with the GIL
+    released, and the GPU machines have 16 cores: five bert-base programs of 56-103 s each took most of the check's
+    475 s on the H200 when they compiled one after another). Each arm then calls its compiled executable
+    (`jax.stages.Compiled`, the same program its jitted function would build). A part whose compile fails is
+    dropped from `parts` and its error returned; `compile_s` of a part is the wall time of its slowest program."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def compile_one(job: tuple[str, Any, tuple]) -> tuple[str, float]:
+        name, arm, args = job
+        t0 = time.perf_counter()
+        arm.fn = arm.fn.lower(*args).compile()
+        return name, time.perf_counter() - t0
+
+    todo = [(name, arm, args) for name, part in parts.items() for arm, args in part.programs()
+            if hasattr(arm.fn, "lower")]
+    failed: dict[str, Any] = {}
+    if not todo:
+        return failed
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo)))) as pool:
+        futures = [(job[0], pool.submit(compile_one, job)) for job in todo]
+        for name, future in futures:
+            try:
+                _, secs = future.result()
+                parts[name].compile_s = max(parts[name].compile_s or 0.0, secs)
+            except Exception as e:  # noqa: BLE001 - recorded as the part's error, the other parts go on
+                traceback.print_exc()
+                failed[name] = {"error": f"{type(e).__name__}: {e}"}
+    for name in failed:
+        parts.pop(name, None)
+    return failed
 
 
 def _step_line(name: str) -> Callable[[dict[str, Any]], str]:
@@ -195,15 +262,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ckpt = _save_random_bert(Path(tmp) / "base", 30522 if not args.dry else 99, 1, **sizes)
         setup = _Setup(ckpt, HeadConfig(pooling="mean", para_head="cross", sts_head="cosine_relu"), batch, seq, reps,
                        torch_device, args.dry, flops, args.scan_layers)
-        parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("parity_fp32", lambda: _parity(Path(tmp))),
-            ("step_fp32", lambda: _step_arm(setup, "float32", "xla", None, "eager")),
-            ("step_bf16", lambda: _step_arm(setup, "bfloat16", "xla", torch.bfloat16, "eager"))]
+        _section(out, "parity_fp32", lambda: _parity(Path(tmp)), log, args.only, args.json)
+        builders: dict[str, Callable[[], Any]] = {
+            "step_fp32": lambda: _StepPart(setup, "float32", "xla", None, "eager"),
+            "step_bf16": lambda: _StepPart(setup, "bfloat16", "xla", torch.bfloat16, "eager")}
         if dev.platform == "gpu":
-            parts.append(("step_bf16_cudnn", lambda: _step_arm(setup, "bfloat16", "cudnn", torch.bfloat16, "sdpa")))
-        parts.append(("population_step", lambda: _population(setup)))
-        for name, fn in parts:
-            _section(out, name, fn, log, args.only, args.json)
+            builders["step_bf16_cudnn"] = lambda: _StepPart(setup, "bfloat16", "cudnn", torch.bfloat16, "sdpa")
+        builders["population_step"] = lambda: _PopulationPart(setup)
+        # build every part (models, optimizer states, batches), compile all their programs at once, then time the
+        # parts one after another: the timings never overlap a compile
+        parts: dict[str, Any] = {}
+        for name, build in builders.items():
+            if args.only is not None and name not in args.only:
+                continue
+            try:
+                parts[name] = build()
+            except Exception as e:  # noqa: BLE001 - recorded as the part's error, the other parts go on
+                traceback.print_exc()
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{name} FAILED to build: {out[name]['error']}")
+        t0 = time.perf_counter()
+        failed = _compile_parts(parts, args.compile_jobs)
+        out["compile_phase"] = {"wall_s": time.perf_counter() - t0, "jobs": args.compile_jobs,
+                                "parts": {n: p.compile_s for n, p in parts.items()}}
+        log(f"compiled {len(parts)} part(s) in {out['compile_phase']['wall_s']:.1f} s, {args.compile_jobs} at a time")
+        for name, err in failed.items():
+            out[name] = err
+            log(f"{name} FAILED to compile: {err['error']}")
+        for name, part in parts.items():
+            _section(out, name, part.measure, log, args.only, args.json)
     peak = peak_tflops(dev.device_kind, args.peak_tflops)
     bf16 = [(out[k]["jax_s"], k) for k in out if k.startswith("step_bf16") and "jax_s" in out[k]]
     best_s, best_arm = min(bf16) if bf16 else (None, None)
@@ -267,6 +354,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if its kind is not known")
     p.add_argument("--only", type=_sections, default=None,
                    help=f"run only these parts, comma-separated, in the usual order (of {', '.join(SECTIONS)})")
+    p.add_argument("--compile-jobs", type=int, default=8,
+                   help="JAX programs compiled at once before the timed parts (default 8: all of them; 1: one by one)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_gpu_check)

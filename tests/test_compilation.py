@@ -236,6 +236,11 @@ def test_gpu_check_dry_mode_on_cpu(tmp_path):
     assert res["step_flops"] > 0 and res["mfu_bf16"] is None  # no known peak for a CPU
     pop = res["population_step"]
     assert pop["k"] == 2 and pop["population_over_singles"] == pytest.approx(pop["population_s"] / pop["singles_s"])
+    # every program was compiled before the timed parts, which then ran the compiled executables
+    assert set(res["compile_phase"]["parts"]) == {"step_fp32", "step_bf16", "population_step"}
+    for arm in ("step_fp32", "step_bf16"):
+        assert res[arm]["jax_compile_s"] == res["compile_phase"]["parts"][arm] > 0
+        assert res[arm]["jax_first_call_s"] < 0.5 * res[arm]["jax_compile_s"]
 
 
 def test_gpu_check_scan_layers_runs_the_scanned_encoder(tmp_path):
@@ -275,6 +280,34 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
     assert ran == [1]  # the population part was not in `only`
     assert logged == ["step_bf16_cudnn FAILED: RuntimeError: cuDNN attention unsupported",
                       "parity vs transformers (tiny, fp32): {'last_hidden_state': 0.0}"]
+
+
+def test_gpu_check_compiles_parts_ahead_and_drops_a_part_that_fails_to_compile():
+    """`_compile_parts`: each arm's jitted function is replaced by its compiled executable (same results); a part
+    whose compile raises is reported and dropped, the others keep theirs."""
+    from scripts.gpu_check_cmd import _compile_parts
+
+    class Arm:
+        def __init__(self, fn):
+            self.fn = fn
+
+    class Part:
+        def __init__(self, arm, args):
+            self.arm, self.args, self.compile_s = arm, args, None
+
+        def programs(self):
+            return [(self.arm, self.args)]
+
+    def bad(x):
+        raise ValueError("no such kernel")
+
+    x = np.arange(4, dtype=np.float32)
+    good = Part(Arm(jax.jit(lambda v: v * 2 + 1)), (x,))
+    parts = {"good": good, "bad": Part(Arm(jax.jit(bad)), (x,))}
+    failed = _compile_parts(parts, jobs=2)
+    assert failed == {"bad": {"error": "ValueError: no such kernel"}} and list(parts) == ["good"]
+    assert isinstance(good.arm.fn, jax.stages.Compiled) and good.compile_s > 0
+    np.testing.assert_array_equal(good.arm.fn(x), x * 2 + 1)
 
 
 def test_gpu_check_imports_only_what_the_gpu_machine_has():
