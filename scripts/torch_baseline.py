@@ -453,16 +453,31 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     schedule = make_schedule(dataclasses.replace(cfg.optim, total_steps=total))
     step = make_torch_step(model, opt, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, grad_clip=cfg.optim.grad_clip,
                            lr_at=lambda i: float(schedule(i)))
+    decay = cfg.optim.ema_decay  # the moving average of the weights (train.optim.track_ema), the model when kept
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if decay else None
     model.train()
     t0 = time.perf_counter()
     for g, batches in sched.batches(0, total):
         m = step(batches)
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    ema[n].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
         if (g + 1) % 100 == 0:
             log(f"[torch] step {g + 1}/{total}: loss {m['loss']:.4f}, {(g + 1) / (time.perf_counter() - t0):.2f} steps/s")
     model.eval()
-    metrics = {}
     eval_fn = lambda _params, task, batch: model.scores(task, to_torch_batch(batch)).float().numpy()  # noqa: E731
-    with torch.inference_mode():
-        for t, enc in dev_sets.items():
-            metrics[t] = task_metric(t, predict_scores(eval_fn, None, enc, cfg.data.eval_batch_size, cfg.data.buckets), enc.labels)
-    return summarize(metrics)
+
+    def dev() -> dict[str, float]:
+        with torch.inference_mode():
+            return summarize({t: task_metric(t, predict_scores(eval_fn, None, enc, cfg.data.eval_batch_size,
+                                                                cfg.data.buckets), enc.labels)
+                              for t, enc in dev_sets.items()})
+
+    if ema is None:
+        return dev()
+    raw = dev()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ema[n])
+    return {**dev(), **{f"raw_{k}": v for k, v in raw.items()}}

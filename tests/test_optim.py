@@ -172,3 +172,40 @@ def test_lr_multipliers_by_hand_and_applied():
     assert float(updates["heads"]["sst"]["bias"][0]) == pytest.approx(-2.0)
     assert float(updates["bert"]["encoder"]["layer_0"]["query"]["kernel"][0]) == pytest.approx(-0.025)
     assert float(updates["bert"]["embeddings"]["word_embeddings"]["embedding"][0]) == pytest.approx(-0.0125)
+
+
+def test_track_ema_is_the_hand_computed_moving_average_and_leaves_the_updates_alone():
+    """SGD on a fixed gradient: p_t = p_0 - t * lr * g, so with decay d the average after t updates is
+    d^t p_0 + (1 - d) sum_k d^(t-k) p_k (hand-computed in float64); `ema_params` finds it inside a chain, and the
+    trajectory is the plain SGD one."""
+    from train.optim import ema_params, track_ema
+
+    p0, g, lr, d = np.array([1.0, -2.0, 0.5], np.float32), np.array([0.3, 0.1, -0.2], np.float32), 0.1, 0.75
+    tx = optax.chain(optax.sgd(lr), track_ema(d))
+    params, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+    np.testing.assert_array_equal(ema_params(state), p0)
+    ema = p0.astype(np.float64)
+    for t in range(1, 5):
+        updates, state = tx.update(jnp.asarray(g), state, params)
+        np.testing.assert_allclose(updates, -lr * g, rtol=1e-6)  # passed through unchanged
+        params = optax.apply_updates(params, updates)
+        ema = d * ema + (1 - d) * (p0.astype(np.float64) - t * lr * g)
+        np.testing.assert_allclose(ema_params(state), ema, rtol=1e-6, atol=1e-7)
+    assert ema_params(optax.sgd(lr).init(params)) is None
+    with pytest.raises(ValueError, match="ema_decay"):
+        track_ema(1.0)
+
+
+def test_ema_decay_in_the_config_wraps_the_whole_optimizer():
+    """`OptimConfig(ema_decay=...)` keeps the average over every leaf, frozen ones included (which stay put)."""
+    from train.optim import ema_params
+
+    params = {"bert": jnp.ones((2,)), "heads": jnp.zeros((2,))}
+    tx = OptimConfig(lr=0.1, ema_decay=0.5).build(trainable_mask={"bert": False, "heads": True})
+    state = tx.init(params)
+    updates, state = tx.update({"bert": jnp.ones((2,)), "heads": jnp.ones((2,))}, state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["bert"], params["bert"])
+    ema = ema_params(state)
+    np.testing.assert_allclose(ema["heads"], 0.5 * params["heads"] + 0.5 * new["heads"], rtol=1e-6)
+    np.testing.assert_array_equal(ema["bert"], params["bert"])

@@ -71,3 +71,19 @@ def test_torch_baseline_trains_the_recipe_on_the_same_batches(recipe_run, tiny_d
     assert record["framework"] == "torch" and np.isfinite(record["overall"])
     assert record["config"]["heads"]["para_head"] == "cross"
     assert "final dev metrics (PyTorch baseline)" in capsys.readouterr().err
+
+
+def test_torch_baseline_moving_average_leaves_training_unchanged(recipe_run, tmp_path, capsys):
+    """`optim.ema_decay` in the PyTorch baseline: the same weights as without it (its `raw_*` dev metrics are the
+    plain run's), while the reported model is the average."""
+    _, args = recipe_run
+    records = []
+    for name, extra in (("plain", []), ("ema", ["optim.ema_decay=0.5"])):
+        out = tmp_path / name
+        assert cli_main([a if a != str(recipe_run[0]) else str(out) for a in args] + ["--framework", "torch", *extra]) == 0
+        records.append(json.loads((out / "torch.json").read_text()))
+    capsys.readouterr()
+    plain, ema = records
+    for k in ("sst", "para", "sts", "overall"):
+        assert ema[f"raw_{k}"] == plain[k]
+    assert ema["overall"] != plain["overall"]

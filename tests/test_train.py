@@ -370,3 +370,47 @@ def test_eval_every_evaluates_every_nth_epoch_and_the_last_step(tiny_vocab_bert_
     r = train(cfg, tiny_data_dir, tmp_path / "run", tensorboard=False)
     assert [rec["step"] for rec in _records(tmp_path / "run")] == [2, 3]
     assert r["step"] == 3 and Path(r["best_checkpoint"]).name in ("2", "3")
+
+
+def test_moving_average_is_the_run_model_and_leaves_training_unchanged(tiny_vocab_bert_dir, tiny_data_dir, tmp_path):
+    """`optim.ema_decay`: the weights follow the same trajectory as without it (its `raw_*` dev metrics equal the
+    plain run's), the dev metrics and the best checkpoint are the average's, and the average is the hand-computed
+    one over the weights the plain step produces."""
+    from train.optim import ema_params
+
+    common = ["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(tiny_data_dir),
+              "--quiet", "buckets=[32]", "--steps", "3"]
+    assert cli_main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert cli_main([*common, "--out", str(tmp_path / "ema"), "optim.ema_decay=0.5"]) == 0
+    plain, ema = _records(tmp_path / "plain")[-1], _records(tmp_path / "ema")[-1]
+    for k in ("sst", "para", "sts", "overall"):
+        assert ema[f"raw_{k}"] == plain[k]
+    assert ema["overall"] != plain["overall"]
+
+    # the step itself: average over three steps vs the same steps without it
+    cfg = _cfg(tiny_vocab_bert_dir, lr=1e-3)
+    spec, params = init_model(cfg, jax.random.key(0))
+    states, tracked = [], []
+    for decay in (0.0, 0.5):
+        c = cfg.with_values({"optim.ema_decay": decay})
+        tx = optimizer(c)
+        state = init_state(jax.tree.map(lambda x: x.copy(), params), tx)
+        step = make_train_step(spec, tx, c.tasks, c.combine, c.pcgrad_reduction, c.finetune)
+        trajectory = [jax.tree.map(np.array, state.params)]
+        for i in range(3):
+            state, _ = step(state, _tiny_batches(tiny_vocab_bert_dir, tiny_data_dir), jax.random.key(i))
+            trajectory.append(jax.tree.map(np.array, state.params))
+        states.append(trajectory)
+        tracked.append(ema_params(state.opt_state))
+    assert tracked[0] is None
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        np.testing.assert_array_equal(a, b)  # the average does not touch the weights
+    want = jax.tree.map(lambda *ps: 0.125 * ps[0] + 0.125 * ps[1] + 0.25 * ps[2] + 0.5 * ps[3], *states[0])
+    for got, w in zip(jax.tree.leaves(tracked[1]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+
+
+def _tiny_batches(ckpt, data_dir) -> dict:
+    tok = bert_jax.load_tokenizer(ckpt)
+    return {t: D.make_batch(D.encode_task(D.load_task(data_dir, t, "train"), tok, 32), np.arange(4), 4, (32,))
+            for t in ("sst", "para", "sts")}

@@ -124,6 +124,8 @@ class TrainConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of the registered tasks {tuple(TASKS)}, got {self.tasks}")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1) (0: no moving average), got {self.optim.ema_decay}")
         if self.optim.total_steps is not None:
             raise ValueError("optim.total_steps is not a config key: the run's length is data.epochs x steps per epoch "
                              "(or data.max_steps)")

@@ -32,6 +32,7 @@ Chain built by :func:`make_optimizer`::
     scale_by_learning_rate(schedule)      # * -lr(t)
     [scale_by_tree(lr_scale)]             # optional per-leaf lr multipliers (head lr, layer-wise decay)
     [decoupled_weight_decay(wd, schedule)]  # p1 = p + u; p_new = p1 - lr(t) wd p1; emit p_new - p
+    [track_ema(ema_decay)]                # optional, outermost: a moving average of the params (`ema_params`)
 
 With ``trainable_mask`` the non-trainable leaves get exactly zero updates
 (``optax.multi_transform`` with ``optax.set_to_zero``) and no optimizer state;
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ import optax
 PyTree = Any
 
 __all__ = ["OptimConfig", "make_schedule", "scale_by_cs224n_adam", "decoupled_weight_decay", "make_optimizer",
-           "scale_by_tree", "lr_multipliers"]
+           "scale_by_tree", "lr_multipliers", "track_ema", "ema_params", "EmaState"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class OptimConfig:
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     head_lr_scale: float = 1.0  # the heads' learning rate is lr * head_lr_scale
     layer_lr_decay: float = 1.0  # layer-wise lr decay: encoder layer l of L gets lr * decay ** (L - 1 - l)
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (`track_ema`); the run's model
 
     def build(self, total_steps: int | None = None,
               trainable_mask: PyTree | Callable[[PyTree], PyTree] | None = None) -> optax.GradientTransformation:
@@ -200,6 +202,38 @@ def scale_by_tree(multipliers: PyTree | Callable[[PyTree], PyTree]) -> optax.Gra
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class EmaState(NamedTuple):
+    ema: PyTree  # float32, the params' shapes
+
+
+def track_ema(decay: float) -> optax.GradientTransformation:
+    """Keep an exponential moving average of the params after each update, ``ema = decay * ema + (1 - decay) *
+    (p + u)`` from ``ema = p`` at init (Polyak averaging; no bias correction is needed from that start). The
+    updates pass through unchanged; :func:`ema_params` reads the average from the optimizer state. Placed
+    last in the chain, ``p + u`` is the new params exactly as ``optax.apply_updates`` makes them."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+
+    def init_fn(params):
+        return EmaState(ema=jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("track_ema needs params (pass them to update)")
+        new = lambda e, p, u: decay * e + (1.0 - decay) * (p + u).astype(p.dtype).astype(jnp.float32)
+        return updates, EmaState(ema=jax.tree.map(new, state.ema, params, updates))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_params(opt_state: PyTree) -> PyTree | None:
+    """The moving average kept by :func:`track_ema` in an optimizer state, or None when there is none."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState)) if isinstance(s, EmaState)]
+    if len(found) > 1:
+        raise ValueError("more than one moving average in the optimizer state")
+    return found[0].ema if found else None
+
+
 def lr_multipliers(params: PyTree, head_scale: float = 1.0, layer_decay: float = 1.0) -> PyTree:
     """Learning-rate multipliers for the multitask tree ``{"bert": ..., "heads": ...}``.
 
@@ -252,11 +286,10 @@ def make_optimizer(
         parts.append(decoupled_weight_decay(cfg.weight_decay, schedule, mask=weight_decay_mask))
     tx = optax.chain(*parts)
 
-    if trainable_mask is None:
-        return tx
+    if trainable_mask is not None:
+        def labels(params):
+            mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
+            return jax.tree_util.tree_map(lambda m: "train" if bool(m) else "freeze", mask)
 
-    def labels(params):
-        mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
-        return jax.tree_util.tree_map(lambda m: "train" if bool(m) else "freeze", mask)
-
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx if not cfg.ema_decay else optax.chain(tx, track_ema(cfg.ema_decay))

@@ -45,7 +45,7 @@ from train.rundir import RunLock, check_out_dir, check_tokenizer
 from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
-                           compile_record, eval_pending, evaluate, load_run_data, recorded_best)
+                           compile_record, dev_metrics, eval_pending, load_run_data, recorded_best)
 
 MEMBER_FIELDS = ("optim.lr", "model.hidden_dropout", "seed", "combine")
 _AXES = ", ".join(k.rpartition(".")[2] for k in MEMBER_FIELDS)  # `--population` names (flat aliases; dotted work too)
@@ -344,8 +344,8 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
             return
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
         for k, m in enumerate(members):
-            params = member_state(info.state, k).params
-            metrics, _ = evaluate(eval_fn, params, data.dev, m.cfg.data.eval_batch_size, m.cfg.data.buckets)
+            params, metrics = dev_metrics(eval_fn, member_state(info.state, k), data.dev, m.cfg.data.eval_batch_size,
+                                          m.cfg.data.buckets)
             log({"event": "eval", "member": m.run.name, **m.record(info.step, info.epoch, params, metrics, extra)})
 
     loop = Loop(data.sched, total, should_stop)

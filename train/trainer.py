@@ -56,7 +56,8 @@ from train.metrics import summarize, task_metric
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.sharding import DataParallel, is_main_process
 from train.tasks import evaluated_tasks
-from train.step import init_model, init_state, make_eval_fn, make_train_step, optimizer
+from train.optim import ema_params
+from train.step import TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer
 
 
 
@@ -177,6 +178,18 @@ def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: in
     scores = {t: predict_scores(eval_fn, params, e, batch_size, buckets) for t, e in encs.items()}
     metrics = {t: task_metric(t, s, encs[t].labels) for t, s in scores.items() if encs[t].has_labels}
     return summarize(metrics), scores
+
+
+def dev_metrics(eval_fn, state: TrainState, encs: dict[str, D.Encoded], batch_size: int,
+                buckets) -> tuple[Params, dict[str, float]]:
+    """The run's model and its dev metrics. With a moving average of the weights in the optimizer state
+    (`optim.ema_decay`) the model is that average, and the raw weights' metrics are added as `raw_<key>`
+    (the same run's A/B); else the model is the weights."""
+    ema = ema_params(state.opt_state)
+    if ema is None:
+        return state.params, evaluate(eval_fn, state.params, encs, batch_size, buckets)[0]
+    raw = evaluate(eval_fn, state.params, encs, batch_size, buckets)[0]
+    return ema, {**evaluate(eval_fn, ema, encs, batch_size, buckets)[0], **{f"raw_{k}": v for k, v in raw.items()}}
 
 
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -358,13 +371,13 @@ class _EpochEnd:
     def evaluate(self, info: StepInfo) -> None:
         if not info.boundary or not eval_due(info.step, self.per_epoch, self.data.total, self.cfg.eval_every):
             return
-        self.metrics, _ = evaluate(self.eval_fn, info.state.params, self.data.dev, self.cfg.data.eval_batch_size,
-                                   self.cfg.data.buckets)
+        params, self.metrics = dev_metrics(self.eval_fn, info.state, self.data.dev, self.cfg.data.eval_batch_size,
+                                           self.cfg.data.buckets)
         is_best = self.metrics.get("overall", -math.inf) > self.best
         if is_best:
             self.best = self.metrics["overall"]
             self.check_finite(info.state, "training state", info.step)
-            self.ckpt.save_best(info.step, info.state.params, self.metrics)
+            self.ckpt.save_best(info.step, params, self.metrics)
         record = {"step": info.step, "epoch": info.epoch, **self.metrics, "best": is_best,
                   "wall_s": round(time.perf_counter() - self.t_start, 1), **compile_record(self.compiles)}
         if is_main_process():  # multi-host: one writer
