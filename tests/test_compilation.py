@@ -104,38 +104,47 @@ def test_stored_program_off_is_the_plain_jitted_call(monkeypatch, tmp_path):
     assert sp._compiled == {} and sp.jitted._cache_size() == 1
 
 
-_TWO_RUNS = """
+_THREE_RUNS = """
 import json, sys
 from scripts.cli import main
 import train.step as S
+import train.trainer as T
 args, out = sys.argv[1:-1], sys.argv[-1]
-results = []
-for i in (1, 2):
-    S._task_grad._compiled.clear(), S._scores._compiled.clear()  # as in a new process: nothing compiled yet
-    assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args]) == 0
+for i, extra in ((1, []), (2, []), (3, ["optim.lr=3e-4"])):
+    S._task_grad._compiled.clear(), S._scores._compiled.clear(), T._all_finite._compiled.clear()  # as in a new process
+    assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args, *extra]) == 0
+    if i == 2:
+        with open(out + "/stored-after-2", "w") as f:
+            f.write(str(len(list((__import__("pathlib").Path(out) / "cache" / "executables").glob("*.bin")))))
 with open(out + "/done", "w") as f:
     f.write("ok")
 """
 
 
 def test_second_run_loads_its_programs_and_trains_the_same_model(tmp_path, tiny_vocab_bert_dir, tiny_data_dir):
-    """The recipe's per-task and scoring programs, written by a first run, are loaded by a second run of the same
-    config (no tracing), which then records the same dev metrics bitwise and reports the loads."""
+    """The recipe's per-task, update, finiteness-check and scoring programs, written by a first run, are loaded by a
+    second run of the same config (no tracing), which then records the same dev metrics bitwise and reports the
+    loads; a third run with another learning rate loads all but the update program, which it compiles and stores
+    (a stale update would train the first run's model again)."""
     from tests.test_recipe import TINY
     from train.trainer import TIMING_KEYS
 
     args = ["--config", "cpu-recipe", "--checkpoint", str(tiny_vocab_bert_dir), "--data-dir", str(tiny_data_dir),
             "--quiet", *TINY, "eval_every=1"]
-    r = subprocess.run([sys.executable, "-c", _TWO_RUNS, *args, str(tmp_path)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _THREE_RUNS, *args, str(tmp_path)], cwd=REPO, capture_output=True,
                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and (tmp_path / "done").is_file(), r.stderr[-3000:]
     stored = list((tmp_path / "cache" / "executables").glob("*.bin"))
-    assert {f.name.split("-")[0] for f in stored} == {"task_grad", "scores"}
+    kinds = [f.name.split("-")[0] for f in stored]
+    assert set(kinds) == {"task_grad", "scores", "update", "all_finite"} and kinds.count("update") == 2
+    after_two = int((tmp_path / "stored-after-2").read_text())
+    assert after_two == len(stored) - 1
     finals = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert [f["stored_programs"] for f in finals] == [0, len(stored)]
+    assert [f["stored_programs"] for f in finals] == [0, after_two, after_two - 1]
     records = [[{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-                for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()] for i in (1, 2)]
+                for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()] for i in (1, 2, 3)]
     assert len(records[0]) == 2 and records[0] == records[1]
+    assert records[2][-1]["overall"] != records[0][-1]["overall"]
 
 
 _SCORE_ONCE = """

@@ -128,11 +128,13 @@ class StoredProgram:
     `jitted`; else through one `jax.stages.Compiled` per input shape, loaded from the store when it has the
     program and compiled (then written, atomically) when not. `static` are `jitted`'s static keyword arguments;
     their `repr` is part of the key, so they must be values whose repr states them fully (frozen dataclasses,
-    strings, tuples). Loads are recorded as `STORE_LOAD_EVENT` (counted by `CompileEvents`).
+    strings, tuples). `salt`: what else determines the program and is neither an argument nor this package's
+    source (the optimizer a closure was built from, see `train.step.optimizer_key`); it must state it fully.
+    Loads are recorded as `STORE_LOAD_EVENT` (counted by `CompileEvents`).
     """
 
-    def __init__(self, jitted: Callable, name: str):
-        self.jitted, self.name = jitted, name
+    def __init__(self, jitted: Callable, name: str, salt: str = ""):
+        self.jitted, self.name, self.salt = jitted, name, salt
         self._compiled: dict[Any, Any] = {}
 
     def __call__(self, *args: Any, **static: Any) -> Any:
@@ -152,7 +154,7 @@ class StoredProgram:
         return len(self._compiled) + self.jitted._cache_size()
 
     def key(self, shapes: tuple) -> str:
-        parts = (self.name, repr(shapes[0]), shapes[1], repr(shapes[2]), source_digest(), environment_digest())
+        parts = (self.name, self.salt, repr(shapes[0]), shapes[1], repr(shapes[2]), source_digest(), environment_digest())
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     def _load_or_compile(self, args: tuple, static: dict[str, Any], shapes: tuple, store: Path) -> Any:

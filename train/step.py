@@ -61,6 +61,12 @@ def optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.Gradien
     return cfg.optim.build(total_steps, mask)
 
 
+def optimizer_key(cfg: TrainConfig, total_steps: int | None = None) -> str:
+    """Everything `optimizer(cfg, total_steps)` is built from, stated fully: the key of the split step's stored
+    update program (`make_split_train_step(tx_key=...)`), whose optimizer is a closure the store cannot see."""
+    return repr((dataclasses.replace(cfg.optim, total_steps=total_steps), cfg.finetune))
+
+
 def init_state(params: Params, tx: optax.GradientTransformation, combine: str = "sum",
                n_tasks: int | None = None) -> TrainState:
     """The state before the first step; `combine` (with `n_tasks` trained tasks): a method with state
@@ -103,6 +109,7 @@ def make_split_train_step(
     combine: str = "sum",
     pcgrad_reduction: str = "sum",
     finetune: bool = True,
+    tx_key: str | None = None,
 ) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step as per-task programs plus one combine-and-update program (`step_impl="split"`).
 
@@ -112,6 +119,9 @@ def make_split_train_step(
     donated). A run compiles at most `tasks x buckets + 1` programs, where the fused step compiles
     one per combination of the tasks' bucket lengths (up to `buckets ** tasks`). Dropout keys are the fused
     step's, so both give the same parameters up to float32 summation order.
+
+    `tx_key`: `optimizer_key(cfg, total_steps)` of the config `tx` was built from; given, `update` is a
+    `StoredProgram` too (a second run loads it without tracing), keyed by it with the tasks and the method.
     """
 
     def update(state: TrainState, losses: dict[str, jax.Array], task_grads: list[Params], rng: jax.Array):
@@ -119,6 +129,8 @@ def make_split_train_step(
         return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, step_rng)
 
     update_fn = jax.jit(update, donate_argnums=(0,))
+    if tx_key is not None:
+        update_fn = StoredProgram(update_fn, "update", salt=repr((tx_key, tasks, combine, pcgrad_reduction)))
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
         losses, grads = {}, []
@@ -159,6 +171,7 @@ def make_train_step(
     finetune: bool = True,
     dp: DataParallel | None = None,
     impl: str = "fused",
+    tx_key: str | None = None,
 ) -> Callable[[TrainState, dict[str, Batch], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `step(state, batches, rng) -> (state, metrics)`; `state` is donated.
 
@@ -166,7 +179,7 @@ def make_train_step(
     (the sum of the task losses), plus `grad_norm` of the applied gradient.
 
     `impl="fused"`: one program for the whole step (one compile per combination of the tasks' batch
-    shapes); `impl="split"`: `make_split_train_step` (per-task programs; single device only).
+    shapes); `impl="split"`: `make_split_train_step` (per-task programs; single device only; `tx_key` as there).
 
     With `dp` (see `train.sharding`) the step is jitted over its mesh with explicit shardings: `state`
     must already be placed (`dp.put(state)`), `batches` are global numpy batches (every process passes
@@ -177,7 +190,7 @@ def make_train_step(
     if impl == "split":
         if dp is not None:
             raise ValueError("step_impl='split' runs on one device; use step_impl=fused with --mesh")
-        return make_split_train_step(spec, tx, tasks, combine, pcgrad_reduction, finetune)
+        return make_split_train_step(spec, tx, tasks, combine, pcgrad_reduction, finetune, tx_key)
     if impl != "fused":
         raise ValueError(f"step_impl must be 'fused' or 'split', got {impl!r}")
     step = fused_step(spec, tx, tasks, combine, pcgrad_reduction, finetune, gather=None if dp is None else dp.gather)

@@ -47,7 +47,7 @@ import bert_jax
 from bert_jax import Params
 from bert_jax.tokenizer import tokenizer_files
 from train import data as D
-from train.compilation import CompileEvents, frozen_heap
+from train.compilation import CompileEvents, StoredProgram, frozen_heap
 from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
@@ -57,7 +57,7 @@ from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.sharding import DataParallel, is_main_process
 from train.tasks import evaluated_tasks
 from train.optim import ema_params
-from train.step import TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer
+from train.step import TrainState, init_model, init_state, make_eval_fn, make_train_step, optimizer, optimizer_key
 
 
 
@@ -72,10 +72,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def _all_finite_jit(tree) -> jax.Array:
     """True iff every floating-point leaf of `tree` is finite (one fused reduction)."""
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+_all_finite = StoredProgram(_all_finite_jit, "all_finite")  # a second run loads it without tracing
 
 
 def _check_resume_config(run: Path, cfg: TrainConfig) -> None:
@@ -287,6 +290,7 @@ class _Start:
     data: RunData
     spec: Any  # train.step.ModelSpec
     tx: Any  # optax.GradientTransformation
+    tx_key: str  # train.step.optimizer_key of tx: what it was built from
     state: Any  # train.step.TrainState (restored, or initialised from the pretrained checkpoint)
     ckpt: Checkpointer
     position: dict[str, Any]  # the data position the state was saved at (fresh: epoch 0, step 0)
@@ -323,7 +327,7 @@ def _restore_or_init(cfg: TrainConfig, data_dir: Path, run: Path, resume: bool, 
         except BaseException:
             ckpt.close()
             raise
-    return _Start(data, spec, tx, state, ckpt, position)
+    return _Start(data, spec, tx, optimizer_key(cfg, data.total), state, ckpt, position)
 
 
 class _EpochEnd:
@@ -425,7 +429,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     hooks = [TensorBoard(run)] if tensorboard else []
     log = event_hooks(log, hooks)
     step_fn = make_train_step(start.spec, start.tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
-                              impl=cfg.step_impl)
+                              impl=cfg.step_impl, tx_key=start.tx_key)
     dropout_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     per_epoch = data.sched.steps_per_epoch
     log({"event": "start", "total_steps": data.total, "steps_per_epoch": per_epoch, "start_step": start_step,
