@@ -67,8 +67,10 @@ def test_stored_program_is_loaded_by_a_fresh_program_without_tracing(store):
     summary = events.summary()
     assert summary["store_hits"] == 1 and summary["store_load_s"] > 0 and summary["trace_s"] == 0
     assert second._cache_size() == 1
-    second(x, w, act="tanh")  # the same shape again: the process's own executable, no second load
-    assert second._cache_size() == 1
+    with compilation.CompileEvents() as events:
+        second(x, w, act="tanh")  # the same shape again: the process's own executable, no second load
+        np.testing.assert_allclose(second(jnp.asarray(x), jnp.asarray(w), act="tanh")["y"], want, rtol=1e-6)  # as jax arrays
+    assert second._cache_size() == 1 and events.summary()["store_hits"] == 0
 
     third = compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")
     np.testing.assert_allclose(third(x[:1], w, act="tanh")["y"], want[:1], rtol=1e-6)  # another shape
@@ -111,7 +113,8 @@ import train.step as S
 import train.trainer as T
 args, out = sys.argv[1:-1], sys.argv[-1]
 for i, extra in ((1, []), (2, []), (3, ["optim.lr=3e-4"])):
-    S._task_grad._compiled.clear(), S._scores._compiled.clear(), T._all_finite._compiled.clear()  # as in a new process
+    for program in (S._task_grad, S._scores, T._all_finite):
+        program.forget()  # as in a new process: nothing compiled yet
     assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args, *extra]) == 0
     if i == 2:
         with open(out + "/stored-after-2", "w") as f:
