@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.heads import COSINE_LOGIT_SCALE
 from train.tasks import get_task
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,8 @@ class TorchMultitask(nn.Module):
                 heads[task] = nn.Linear(4 * h, 1)
             elif kind == "cosine" and get_task(task).kind == "binary":  # cosine: a logit
                 m = nn.Module()
-                m.scale = nn.Parameter(torch.tensor(5.0))
-                m.bias = nn.Parameter(torch.tensor(0.0))
+                m.scale = nn.Parameter(torch.tensor(COSINE_LOGIT_SCALE))
+                m.bias = nn.Parameter(torch.tensor(-0.5 * COSINE_LOGIT_SCALE))
                 heads[task] = m
             elif kind in ("cosine", "cosine_relu", "cosine_mse"):  # no parameters
                 heads[task] = nn.Module()

@@ -146,6 +146,14 @@ def test_head_parameter_shapes():
         HeadConfig(heads=("sst", "nli"))
 
 
+def test_cosine_logit_starts_with_the_cosine_mse_threshold():
+    """At init the "cosine" paraphrase logit is 5 cos - 2.5: positive above cos = 1/2, the "cosine_mse" head's
+    threshold (hand-computed), so an untrained head does not call every pair of positive cosine a paraphrase."""
+    h = init_heads(HeadConfig(para_head="cosine", sts_head="cosine"), 8, jax.random.key(0))["para"]
+    cos = np.array([0.9, 0.5, 0.3, -0.2], np.float32)
+    np.testing.assert_allclose(np.asarray(h["scale"]) * cos + np.asarray(h["bias"]), [2.0, 0.0, -1.0, -3.5], atol=1e-6)
+
+
 def test_dropout_only_with_a_key(tiny):
     """rng=None is deterministic; a key turns dropout on; with both dropout rates 0 a key changes nothing."""
     config, bert_params, _ = tiny

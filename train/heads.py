@@ -2,7 +2,7 @@
 
 Sentence embeddings come from `pool` ([CLS] pooler, as the report, or a masked mean). Scores:
   sst / cfimdb : logits [batch, classes]           (linear over the dropped-out embedding)
-  para         : logit  [batch]                    ("pair": linear over [u, v, |u-v|, u*v]; "cosine": scale*cos(u,v)+bias)
+  para         : logit  [batch]                    ("pair": linear over [u, v, |u-v|, u*v]; "cosine": scale*cos(u,v)+bias, 5 and -2.5 at init)
   sts          : score  [batch] on the 0..5 scale  ("pair": linear over [u, v, |u-v|, u*v]; "cosine": 2.5*(1+cos(u,v));
                                                     "cosine_relu": 5*max(cos(u,v), 0))
 A pair head of kind "cross" (para or sts) is a cross-encoder: the pair is one `[CLS] a [SEP] b [SEP]`
@@ -20,6 +20,9 @@ import jax.numpy as jnp
 from bert_jax import BertConfig, Params, encode
 from bert_jax.config import is_traced
 from train.tasks import TASKS, get_task
+
+
+COSINE_LOGIT_SCALE = 5.0  # the "cosine" paraphrase logit's initial scale: logit = scale * (cos - 1/2) at init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,10 @@ def init_heads(hc: HeadConfig, hidden: int, rng: jax.Array) -> Params:
         if kind == "single":
             params[task] = _dense_init(key, hidden, spec.num_classes if spec.kind == "classes" else 1)
         elif kind == "cosine" and spec.kind == "binary":  # a logit: learned scale and bias of the cosine
-            params[task] = {"scale": jnp.array(5.0, jnp.float32), "bias": jnp.array(0.0, jnp.float32)}
+            # decision threshold at init cos = 0.5, the "cosine_mse" head's: at bias 0 every pair of positive cosine
+            # (nearly all, with mean pooling) is a paraphrase, and a bias moves only ~lr per Adam step
+            params[task] = {"scale": jnp.array(COSINE_LOGIT_SCALE, jnp.float32),
+                            "bias": jnp.array(-0.5 * COSINE_LOGIT_SCALE, jnp.float32)}
         elif kind in ("cosine", "cosine_relu", "cosine_mse"):  # no parameters
             params[task] = {}
         elif kind == "cross":
