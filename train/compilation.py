@@ -144,8 +144,8 @@ class StoredProgram:
         if _STORE_DIR is None or jax.device_count() != 1:
             return self.jitted(*args, **static)
         leaves, treedef = jax.tree.flatten(args)
-        # the per-call lookup: shape, dtype and weak type of every leaf (~1 us each; `str(jax.typeof(x))`, the
-        # stored key's form, costs ~12 us, i.e. 8 ms per call of the update program's 649 leaves)
+        # the per-call lookup: shape, dtype and weak type of every leaf (the update call's 649 leaves: 0.24 ms, idle
+        # 2-core EPYC; `str(jax.typeof(x))`, the stored key's form, 3.3 ms), so the key is built once per shape
         fast = (treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) if hasattr(x, "dtype") else type(x)
                                for x in leaves), tuple(sorted(static.items())))
         compiled = self._by_signature.get(fast)
