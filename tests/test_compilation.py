@@ -158,6 +158,8 @@ mode, cache, ckpt, out = sys.argv[1:]
 compilation.enable_cache(cache)
 if mode == "jax-cache-only":  # what a run before the executable store left behind
     compilation._STORE_DIR = None
+elif mode == "edited":  # an edit of the package that leaves this program's HLO as it was
+    compilation.source_digest = lambda: "edited"
 from train.config import resolve_config
 from train.step import init_model, make_eval_fn
 cfg = resolve_config("tiny", [f"checkpoint={ckpt}"])
@@ -174,7 +176,7 @@ print(ev.summary()["store_hits"])
 def test_store_compiles_fresh_when_jax_cache_has_the_program(tmp_path, tiny_bert_dir):
     """A program that JAX's persistent cache already holds (a run before the store) is compiled again for the store:
     an executable JAX loaded from its cache serializes without its kernels (XLA CPU), and the next process would
-    fail running it ("Function ... not found")."""
+    fail running it ("Function ... not found"). The same after an edit of the package that leaves the HLO unchanged."""
     def score(mode: str, name: str) -> tuple[np.ndarray, int]:
         r = subprocess.run([sys.executable, "-c", _SCORE_ONCE, mode, str(tmp_path / "cache"), str(tiny_bert_dir),
                             str(tmp_path / name)], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -182,14 +184,27 @@ def test_store_compiles_fresh_when_jax_cache_has_the_program(tmp_path, tiny_bert
         assert r.returncode == 0, r.stderr[-3000:]
         return np.load(tmp_path / name), int(r.stdout.split()[-1])
 
+    def jax_entries() -> list[str]:
+        return sorted(f.name for f in (tmp_path / "cache").glob("jit__scores_jit-*"))
+
     ref, _ = score("jax-cache-only", "ref.npy")
     assert not (tmp_path / "cache" / "executables").exists()
+    assert len(jax_entries()) == 1
     first, hits = score("store", "first.npy")
     assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == 1
     loaded, hits = score("store", "loaded.npy")
     assert hits == 1
     np.testing.assert_array_equal(first, ref)
     np.testing.assert_array_equal(loaded, ref)
+    # After a source edit the same HLO gets a new store key: it is compiled and stored again (not answered by JAX's
+    # cache, which the store's compiles never write), so the run after the edit loads it.
+    edited, hits = score("edited", "edited.npy")
+    assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == 2
+    reloaded, hits = score("edited", "reloaded.npy")
+    assert hits == 1
+    np.testing.assert_array_equal(edited, ref)
+    np.testing.assert_array_equal(reloaded, ref)
+    assert len(jax_entries()) == 1  # only the storeless run's entry
 
 
 _PROGRAM = """

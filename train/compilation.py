@@ -116,8 +116,26 @@ def environment_digest() -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-# An XLA option at its default, given explicitly: the executable is the same, JAX's cache key is not.
-_FRESH = {"xla_embed_ir_in_executable": False}
+# XLA options at their defaults, given explicitly: the executable is the same, JAX's cache key is not. The store's
+# compiles never write to JAX's cache (`_jax_cache_writes_off`), so JAX's cache never answers them. (Versions before
+# this one compiled under `xla_embed_ir_in_executable` alone and did write: those entries made a source edit that
+# left a program's HLO unchanged store nothing, so every later run loaded that program from JAX's cache instead.)
+_FRESH = {"xla_embed_ir_in_executable": False, "xla_hlo_profile": False}
+_NEVER = 1e9  # seconds: a compile-time floor no compile reaches
+
+
+@contextlib.contextmanager
+def _jax_cache_writes_off() -> Iterator[None]:
+    """JAX's persistent cache writes nothing inside (it still reads): what the store keeps, JAX need not."""
+    import jax
+
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = jax.config.values[name]
+    jax.config.update(name, _NEVER)
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
 
 
 class StoredProgram:
@@ -187,11 +205,14 @@ class StoredProgram:
                 jax.monitoring.record_event(STORE_HIT_EVENT)
                 return compiled
         # Compiled fresh: an executable that JAX loaded from its own cache serializes without its kernels (XLA CPU:
-        # "Function ... not found" when the stored copy runs), so the store compiles under an option JAX's cache key
-        # sees (`_FRESH`, a no-op for the program), and stores nothing if JAX's cache answered all the same.
+        # "Function ... not found" when the stored copy runs), so the store compiles under options JAX's cache key
+        # sees (`_FRESH`, a no-op for the program) and JAX's cache never keeps them; should it answer all the same
+        # (a cache written by something else), nothing is stored.
         hits = CompileEvents.jax_cache_hits()
-        compiled = self.jitted.trace(*args, **static).lower().compile(compiler_options=_FRESH)
+        with _jax_cache_writes_off():
+            compiled = self.jitted.trace(*args, **static).lower().compile(compiler_options=_FRESH)
         if CompileEvents.jax_cache_hits() != hits:
+            warnings.warn(f"{self.name}: JAX's compilation cache answered the store's compile; not stored")
             return compiled
         try:
             blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
