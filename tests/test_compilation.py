@@ -104,6 +104,25 @@ def test_stored_program_off_is_the_plain_jitted_call(monkeypatch, tmp_path):
     x, w = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
     np.testing.assert_allclose(sp(x, w, act="none")["y"], np.full((2, 4), 4.0))
     assert sp._compiled == {} and sp.jitted._cache_size() == 1
+    assert sp.prepare(x, w, act="none") is None  # nothing to prepare: the jitted function compiles when called
+
+
+def test_prepare_loads_the_program_that_the_call_then_runs(store):
+    """`prepare` on abstract values loads (or compiles) the executable; the call with arrays of those shapes then
+    runs it without another load or compile, and computes what numpy computes."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    compilation.StoredProgram(jax.jit(_affine, static_argnames="act"), "affine")(x, w, act="tanh")  # stores it
+    sp = compilation.StoredProgram(jax.jit(_never_traced, static_argnames="act"), "affine")
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w)]
+    with compilation.CompileEvents() as events:
+        compiled = sp.prepare(*abstract, act="tanh")
+    assert events.summary()["store_hits"] == 1
+    assert compiled.out_info["y"].shape == (2, 4)
+    with compilation.CompileEvents() as events:
+        np.testing.assert_allclose(sp(x, w, act="tanh")["y"], np.tanh(x @ w + 1.0), rtol=1e-6)
+    assert events.summary() == {**events.summary(), "store_hits": 0, "xla_compiles": 0, "trace_s": 0.0}
+    assert sp._cache_size() == 1
 
 
 _THREE_RUNS = """
@@ -112,10 +131,19 @@ from scripts.cli import main
 import train.step as S
 import train.trainer as T
 args, out = sys.argv[1:-1], sys.argv[-1]
+prepared = []
+_prepare = T.prepare_programs
+def prepare_programs(*a, **k):  # what the run had loaded before its first step
+    n = _prepare(*a, **k)
+    prepared.append((len(S._task_grad._compiled), len(S._scores._compiled)))
+    return n
+T.prepare_programs = prepare_programs
 for i, extra in ((1, []), (2, []), (3, ["optim.lr=3e-4"])):
     for program in (S._task_grad, S._scores, T._all_finite):
         program.forget()  # as in a new process: nothing compiled yet
     assert main(["--compile-cache", out + "/cache", "train", "--out", out + f"/run{i}", *args, *extra]) == 0
+    with open(out + f"/programs-{i}", "w") as f:  # before the first step, at the end
+        json.dump([prepared[-1], (len(S._task_grad._compiled), len(S._scores._compiled))], f)
     if i == 2:
         with open(out + "/stored-after-2", "w") as f:
             f.write(str(len(list((__import__("pathlib").Path(out) / "cache" / "executables").glob("*.bin")))))
@@ -146,6 +174,9 @@ def test_second_run_loads_its_programs_and_trains_the_same_model(tmp_path, tiny_
     assert [f["stored_programs"] for f in finals] == [0, after_two, after_two - 1]
     records = [[{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
                 for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()] for i in (1, 2, 3)]
+    for i in (1, 2, 3):  # every per-task program and scorer was ready before the first step
+        before, after = json.loads((tmp_path / f"programs-{i}").read_text())
+        assert before == after and min(after) > 0
     assert len(records[0]) == 2 and records[0] == records[1]
     assert records[2][-1]["overall"] != records[0][-1]["overall"]
 

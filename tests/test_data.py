@@ -547,3 +547,28 @@ def test_eval_batches_in_length_order_and_unsorted_scores() -> None:
     batches = list(eval_batches(enc, 2, (4, 8, 16, 32), order))
     assert [b["input_ids"].shape[1] for b in batches] == [8, 32, 32]  # (2, 5) | (9, 17) | (30,)
     assert example_lengths(_fake_enc("para", [3, 9], [7, 2])).tolist() == [7, 9]
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_schedule_shape_examples_are_the_shapes_its_steps_give(align: bool) -> None:
+    """`Schedule.shape_examples(start, stop)`: one batch per distinct (task, shape) of the batches that
+    `Schedule.batches(start, stop)` builds (checked by building every step), in order of first use, across epochs
+    and from a mid-epoch start; each example is one of those steps' batches."""
+    from train.data import Schedule
+
+    rng = np.random.default_rng(3)
+    encs = {"sst": _fake_enc("sst", rng.integers(2, 70, 23).tolist()),
+            "sts": _fake_enc("sts", rng.integers(2, 40, 11).tolist(), rng.integers(2, 140, 11).tolist())}
+    sched = Schedule(encs, {t: np.arange(len(e.tokens1)) for t, e in encs.items()}, {"sst": 4, "sts": 2}, seed=5,
+                     buckets=(16, 32, 64, 128), align=align)
+    start, stop = 3, 3 * sched.steps_per_epoch + 2
+    want: dict[str, dict[tuple, dict]] = {t: {} for t in encs}
+    for _, batches in sched.batches(start, stop):
+        for t, b in batches.items():
+            want[t].setdefault(tuple((k, v.shape) for k, v in sorted(b.items())), b)
+    got = sched.shape_examples(start, stop)
+    for t in encs:
+        assert [tuple((k, v.shape) for k, v in sorted(b.items())) for b in got[t]] == list(want[t])
+        for b, w in zip(got[t], want[t].values()):
+            assert {k: v.dtype for k, v in b.items()} == {k: v.dtype for k, v in w.items()}
+    assert len(got["sst"]) >= 2 and len(got["sts"]) >= 2

@@ -750,6 +750,30 @@ class Schedule:
         for s in range(start, self.steps_per_epoch):
             yield step_batches(self.encs, {t: plan[t][s] for t in plan}, self.batch_size, self.buckets, self.align)
 
+    def shape_examples(self, start: int, stop: int) -> dict[str, list[dict[str, np.ndarray]]]:
+        """task -> one batch of every distinct shape the steps ``start <= g < stop`` give it, in order of first use:
+        the per-task programs a run will call. Only each step's bucket lengths are computed (from the examples'
+        lengths); one batch per shape is built."""
+        lengths = {t: example_lengths(self.encs[t]) for t in self.subsets}
+        bs = np.asarray(sorted(self.buckets))
+        first: dict[str, dict[int, np.ndarray]] = {t: {} for t in self.subsets}  # task -> length -> that step's index
+        g = start
+        while g < stop:
+            epoch, s = divmod(g, self.steps_per_epoch)
+            e = min(self.steps_per_epoch, s + stop - g)
+            plan = self.plan(epoch)
+            longest = {t: lengths[t][plan[t][s:e]].max(axis=1) for t in plan}  # [steps] per task
+            if self.align:
+                both = np.max(np.stack(list(longest.values())), axis=0)
+                longest = {t: both for t in plan}
+            for t in plan:
+                padded = bs[np.minimum(np.searchsorted(bs, longest[t]), len(bs) - 1)]  # bucket_length, vectorized
+                for i, n in enumerate(padded.tolist()):
+                    first[t].setdefault(n, plan[t][s + i])
+            g += e - s
+        return {t: [make_batch(self.encs[t], index, batch_of(self.batch_size, t), (n,)) for n, index in by_len.items()]
+                for t, by_len in first.items()}
+
     def batches(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, dict[str, np.ndarray]]]]:
         """``(g, batches)`` of global steps ``start <= g < stop``, across epochs."""
         g = start

@@ -140,7 +140,24 @@ def make_split_train_step(
             grads.append(g)
         return update_fn(state, losses, grads, rng)
 
+    def prepare(state: TrainState, examples: dict[str, list[Batch]], rng: jax.Array) -> int:
+        """Load (or compile) the programs of the steps whose batches have the shapes of `examples` (task -> one
+        batch per shape, `Schedule.shape_examples`) without running a step; returns how many are ready. With
+        the executable store off this does nothing (each program compiles on its first call)."""
+        ready, outs = 0, {}
+        for t in tasks:
+            for b in examples.get(t, ()):
+                compiled = _task_grad.prepare(state.params, b, rng, state.step, spec=spec, task=t, tasks=tasks,
+                                              finetune=finetune)
+                if compiled is not None:
+                    ready, outs[t] = ready + 1, compiled.out_info  # (loss, gradient), abstract
+        if isinstance(update_fn, StoredProgram) and len(outs) == len(tasks):
+            losses = {t: outs[t][0] for t in tasks}
+            ready += update_fn.prepare(state, losses, [outs[t][1] for t in tasks], rng) is not None
+        return ready
+
     step.programs = (_task_grad, update_fn)  # for inspection (tests, compile accounting)
+    step.prepare = prepare
     return step
 
 
@@ -287,6 +304,8 @@ def make_eval_fn(spec: ModelSpec, dp: DataParallel | None = None) -> Callable[[P
 
         # AOT, like a jitted function's: `.lower(params, task, batch).compile()` is then called as `(params, batch)`
         single.lower = lambda params, task, batch: _scores_jit.lower(params, batch, spec=spec, task=task)
+        # load (or compile) the executable of a batch of this shape without scoring it (StoredProgram.prepare)
+        single.prepare = lambda params, task, batch: _scores.prepare(params, batch, spec=spec, task=task)
         return single
 
     def scores(params: Params, task: str, batch: Batch) -> jax.Array:

@@ -183,6 +183,27 @@ def evaluate(eval_fn, params: Params, encs: dict[str, D.Encoded], batch_size: in
     return summarize(metrics), scores
 
 
+def prepare_programs(step_fn, eval_fn, state: TrainState, data: "RunData", start: int, rng: jax.Array,
+                     eval_batch_size: int, buckets) -> int:
+    """Load (or compile) the programs of every training step from `start` and of the dev evaluation before the first
+    step: the per-task programs of the shapes `data.sched` will give (`Schedule.shape_examples`), the update, and one
+    scorer per dev batch shape. Loaded this way they use an idle CPU, where a load at first use runs beside the
+    previous step's computation (asynchronous dispatch) and both take longer. Returns how many are ready; a step or
+    scorer without `prepare` (the fused step, several devices) or with the store off compiles at first use."""
+    ready = 0
+    if hasattr(step_fn, "prepare"):
+        ready += step_fn.prepare(state, data.sched.shape_examples(start, data.total), rng)
+    if hasattr(eval_fn, "prepare"):
+        for task, enc in data.dev.items():
+            shapes = set()
+            for b in D.eval_batches(enc, eval_batch_size, buckets, D.length_order(enc)):
+                shape = tuple((k, v.shape) for k, v in sorted(b.items()))
+                if shape not in shapes:
+                    shapes.add(shape)
+                    ready += eval_fn.prepare(state.params, task, b) is not None
+    return ready
+
+
 def dev_metrics(eval_fn, state: TrainState, encs: dict[str, D.Encoded], batch_size: int,
                 buckets) -> tuple[Params, dict[str, float]]:
     """The run's model and its dev metrics. With a moving average of the weights in the optimizer state
@@ -449,6 +470,8 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     # data, parameters and modules are loaded: the collector stays off them while programs trace
     try:
         with frozen_heap(), compiles:
+            prepare_programs(step_fn, end.eval_fn, start.state, data, start_step, dropout_key, cfg.data.eval_batch_size,
+                             cfg.data.buckets)
             if pending:
                 end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
             state, global_step, stopped = loop.run(one_step, start.state, start_step)
