@@ -58,6 +58,9 @@ class _Progress:
             self.bar.update(e["step"] - self.bar.n)
             label = "mean_loss" if "loss_members" in e else "loss"  # a population's: the members' mean
             self.bar.set_postfix({label: f"{e['loss']:.3f}", "steps_s": f"{e['steps_per_s']:.2f}"})
+        elif e["event"] == "programs" and e["ready"]:
+            tqdm.write(f"programs: {e['ready']} ready before step 1 in {e['seconds']:.1f} s ({e['xla_compiles']} compiled, "
+                       f"{e['stored_programs']} loaded from the executable store)", file=sys.stderr)
         elif e["event"] == "overwrite":
             kept = f"; keeping {', '.join(e['keeping'])}" if e["keeping"] else ""
             print(f"bert-jax train: --overwrite: deleting {', '.join(e['deleting'])} in {e['run']}{kept}", file=sys.stderr)

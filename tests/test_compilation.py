@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,8 @@ def test_second_run_loads_its_programs_and_trains_the_same_model(tmp_path, tiny_
     assert [f["stored_programs"] for f in finals] == [0, after_two, after_two - 1]
     records = [[{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
                 for line in (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()] for i in (1, 2, 3)]
+    shown = re.findall(r"programs: (\d+) ready before step 1 in [\d.]+ s \((\d+) compiled, (\d+) loaded", r.stderr)
+    assert len(shown) == 3 and shown[1][1] == "0" and shown[1][0] == shown[1][2] != "0"  # run 2 loaded them all
     for i in (1, 2, 3):  # every per-task program and scorer was ready before the first step
         before, after = json.loads((tmp_path / f"programs-{i}").read_text())
         assert before == after and min(after) > 0

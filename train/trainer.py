@@ -3,6 +3,8 @@
 Side effects are limited to the run directory (through `train.checkpoint`); printing and progress bars
 are the caller's, through the `log` callback which receives event dicts:
   {"event": "start", "total_steps", "steps_per_epoch", "start_step", "skipped": str}
+  {"event": "programs", "ready", "seconds", "compile_s", "xla_compiles", "compile_cache_hits", "stored_programs"}
+                                       (the programs loaded or compiled before the first step, `prepare_programs`)
   {"event": "step", "step", "epoch", "loss", "loss_<task>", "steps_per_s"}     (every `log_every` steps)
   {"event": "eval", "step", "epoch", "<task>": metric, "overall", "best": bool}
   {"event": "stopped", "reason", "step"}
@@ -470,8 +472,11 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     # data, parameters and modules are loaded: the collector stays off them while programs trace
     try:
         with frozen_heap(), compiles:
-            prepare_programs(step_fn, end.eval_fn, start.state, data, start_step, dropout_key, cfg.data.eval_batch_size,
-                             cfg.data.buckets)
+            t0 = time.perf_counter()
+            ready = prepare_programs(step_fn, end.eval_fn, start.state, data, start_step, dropout_key,
+                                     cfg.data.eval_batch_size, cfg.data.buckets)
+            log({"event": "programs", "ready": ready, "seconds": round(time.perf_counter() - t0, 1),
+                 **compile_record(compiles)})
             if pending:
                 end.evaluate(StepInfo(start_step, (start_step - 1) // per_epoch, start.state, None, boundary=True))
             state, global_step, stopped = loop.run(one_step, start.state, start_step)
