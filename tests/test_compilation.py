@@ -224,20 +224,15 @@ def test_store_compiles_fresh_when_jax_cache_has_the_program(tmp_path, tiny_bert
     ref, _ = score("jax-cache-only", "ref.npy")
     assert not (tmp_path / "cache" / "executables").exists()
     assert len(jax_entries()) == 1
-    first, hits = score("store", "first.npy")
-    assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == 1
-    loaded, hits = score("store", "loaded.npy")
-    assert hits == 1
-    np.testing.assert_array_equal(first, ref)
-    np.testing.assert_array_equal(loaded, ref)
-    # After a source edit the same HLO gets a new store key: it is compiled and stored again (not answered by JAX's
-    # cache, which the store's compiles never write), so the run after the edit loads it.
-    edited, hits = score("edited", "edited.npy")
-    assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == 2
-    reloaded, hits = score("edited", "reloaded.npy")
-    assert hits == 1
-    np.testing.assert_array_equal(edited, ref)
-    np.testing.assert_array_equal(reloaded, ref)
+    # "edited": after a source edit the same HLO gets a new store key; it is compiled and stored again (not answered
+    # by JAX's cache, which the store's compiles never write), so the run after the edit loads it
+    for mode, stored in (("store", 1), ("edited", 2)):
+        first, hits = score(mode, f"{mode}-first.npy")
+        assert hits == 0 and len(list((tmp_path / "cache" / "executables").glob("scores-*.bin"))) == stored
+        loaded, hits = score(mode, f"{mode}-loaded.npy")
+        assert hits == 1
+        np.testing.assert_array_equal(first, ref)
+        np.testing.assert_array_equal(loaded, ref)
     assert len(jax_entries()) == 1  # only the storeless run's entry
 
 
