@@ -41,7 +41,8 @@ def test_recipe_trains_evaluates_and_predicts(recipe_run, tiny_data_dir, tmp_pat
     assert result["step"] == 6 and np.isfinite(result["overall"])
     assert "final dev metrics (step 6)" in err and f"best checkpoint: {result['best_checkpoint']}" in err
     assert (run / "best").is_dir() and result["best_checkpoint"].startswith(str(run / "best"))
-    assert result["xla_compiles"] >= 1 and result["compile_s"] > 0
+    # compiled, or (the tests' cache already holding this source's programs) loaded from the executable store
+    assert result["xla_compiles"] + result["stored_programs"] >= 1 and result["compile_s"] > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [6] and all("compile_s" in r for r in records)  # eval_every=3: the end only
 
