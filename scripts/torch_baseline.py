@@ -58,6 +58,8 @@ class TorchSpec:
     hidden_dropout: float = 0.3
     attention_dropout: float | None = None  # None: the checkpoint's value
     attn_implementation: str = "eager"  # "eager" | "sdpa"
+    ranking_weight: float = 0.0  # in-batch negatives on binary Siamese pair tasks (train.heads.HeadConfig)
+    ranking_scale: float = 20.0
 
 
 class TorchMultitask(nn.Module):
@@ -108,16 +110,33 @@ class TorchMultitask(nn.Module):
 
     def scores(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """sst [B, 5] / cfimdb [B, 2] logits, para logit [B], sts score [B]."""
+        return self.outputs(task, batch)[0]
+
+    def loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`task`'s training loss (scores in float32), with the in-batch ranking term where the JAX model has it."""
+        scores, pair = self.outputs(task, batch)
+        loss = task_loss(task, scores.float(), batch, self._kind(task))
+        spec = get_task(task)
+        if self.spec.ranking_weight and pair is not None and spec.kind == "binary":
+            loss = loss + self.spec.ranking_weight * in_batch_ranking(*pair, batch["labels"], batch["valid"],
+                                                                      self.spec.ranking_scale)
+        return loss
+
+    def outputs(self, task: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(`scores`, the Siamese pair head's embeddings (u, v) or None), as `train.heads.task_outputs`."""
         head, kind, spec = self.heads[task], self._kind(task), get_task(task)
         if kind == "single":
             out = head(self.drop(self._embed(batch["input_ids"], batch["attention_mask"])))
-            return out if spec.kind == "classes" else out[:, 0]
+            return (out if spec.kind == "classes" else out[:, 0]), None
         if kind == "cross":
             emb = self._embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            return head(self.drop(emb))[:, 0]
+            return head(self.drop(emb))[:, 0], None
         ids = torch.cat([batch["input_ids_1"], batch["input_ids_2"]], 0)
         mask = torch.cat([batch["attention_mask_1"], batch["attention_mask_2"]], 0)
         u, v = self._embed(ids, mask).chunk(2, 0)
+        return self._pair_scores(head, kind, spec, u, v), (u, v)
+
+    def _pair_scores(self, head: nn.Module, kind: str, spec, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kind in ("cosine", "cosine_relu", "cosine_mse"):
             eps = 1e-8
             norm = lambda x: (x * x).sum(-1).clamp_min(eps * eps).sqrt()  # = max(||x||, eps); zero grad at x = 0
@@ -145,6 +164,17 @@ def task_loss(task: str, scores: torch.Tensor, batch: dict[str, torch.Tensor], h
     else:
         per_row = (scores - labels.float()) ** 2
     return (per_row * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def in_batch_ranking(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """`train.losses.in_batch_ranking` in torch: cross-entropy of scale * cos(u_i, v_j) over valid j, target i,
+    averaged over the valid rows with label 1."""
+    logits = scale * F.normalize(u.float(), dim=-1, eps=1e-8) @ F.normalize(v.float(), dim=-1, eps=1e-8).T
+    logits = logits.masked_fill(valid[None, :] <= 0, -1e9)
+    per_row = F.cross_entropy(logits, torch.arange(len(u)), reduction="none")
+    anchors = valid * (labels > 0.5).float()
+    return (per_row * anchors).sum() / anchors.sum().clamp_min(1.0)
 
 
 def pcgrad_combine(
@@ -249,7 +279,7 @@ def to_torch_batch(batch: dict[str, np.ndarray], device: str | torch.device | No
 def task_losses(model: TorchMultitask, batches: dict[str, dict[str, torch.Tensor]], tasks: Sequence[str]
                 ) -> dict[str, torch.Tensor]:
     """Each task's loss on its (torch) batch, scores in float32 (as under autocast)."""
-    return {t: task_loss(t, model.scores(t, batches[t]).float(), batches[t], model._kind(t)) for t in tasks}
+    return {t: model.loss(t, batches[t]) for t in tasks}
 
 
 def make_torch_step(
@@ -293,7 +323,7 @@ def make_torch_step(
         else:
             losses, per_task = {}, []
             for t in tasks:
-                losses[t] = task_loss(t, model.scores(t, tb[t]), tb[t], model._kind(t))
+                losses[t] = model.loss(t, tb[t])
                 head = [p for p in model.heads[t].parameters() if p.requires_grad]
                 grads = torch.autograd.grad(losses[t], shared + head, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared + head, grads)]
@@ -414,12 +444,14 @@ def build_model(
     attention_dropout: float | None = None,
     attn_implementation: str = "eager",
     jax_params: dict | None = None,
+    ranking_weight: float = 0.0,
+    ranking_scale: float = 20.0,
 ) -> TorchMultitask:
     """The torch model from `checkpoint` ("embedded" or a HF BERT directory), optionally with JAX params copied in."""
     from bert_jax.convert import resolve_checkpoint
 
     spec = TorchSpec(str(resolve_checkpoint(checkpoint)), tuple(tasks), pooling, para_head, sts_head,
-                     hidden_dropout, attention_dropout, attn_implementation)
+                     hidden_dropout, attention_dropout, attn_implementation, ranking_weight, ranking_scale)
     model = TorchMultitask(spec)
     if jax_params is not None:
         load_jax_params(model, jax_params)
@@ -444,7 +476,8 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     _, params = init_model(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     model = build_model(cfg.checkpoint, cfg.heads.heads, pooling=cfg.heads.pooling, para_head=cfg.heads.para_head,
                         sts_head=cfg.heads.sts_head, hidden_dropout=cfg.model.hidden_dropout,
-                        attention_dropout=cfg.model.attention_dropout, jax_params=jax.device_get(params))
+                        attention_dropout=cfg.model.attention_dropout, jax_params=jax.device_get(params),
+                        ranking_weight=cfg.heads.ranking_weight, ranking_scale=cfg.heads.ranking_scale)
     scales = None
     if cfg.optim.head_lr_scale != 1.0 or cfg.optim.layer_lr_decay != 1.0:
         scales = lr_multipliers(params, cfg.optim.head_lr_scale, cfg.optim.layer_lr_decay)

@@ -320,3 +320,47 @@ def test_cosine_of_a_vector_with_itself_stays_in_range():
     want = (x * y).sum(-1, dtype=np.float64) / np.linalg.norm(x.astype(np.float64), axis=-1) / np.linalg.norm(
         y.astype(np.float64), axis=-1)
     np.testing.assert_allclose(np.asarray(_cosine(jnp.asarray(x), jnp.asarray(y))), want, atol=1e-6)
+
+
+def _ranking_by_hand(u, v, labels, valid, scale):
+    """In-batch negatives from the definition, one anchor at a time in float64 (an independent reference)."""
+    terms = []
+    for i in range(len(u)):
+        if valid[i] == 0 or labels[i] < 0.5:
+            continue
+        cands = [j for j in range(len(v)) if valid[j] > 0]
+        cos = {j: float(u[i] @ v[j] / (np.linalg.norm(u[i]) * np.linalg.norm(v[j]))) for j in cands}
+        log_z = np.log(sum(np.exp(scale * c) for c in cos.values()))
+        terms.append(log_z - scale * cos[i])
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def test_in_batch_ranking_by_hand_and_vs_torch():
+    from scripts.torch_baseline import in_batch_ranking as torch_ranking
+    from train.losses import in_batch_ranking
+
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    labels = np.array([1, 0, 1, 1, 0, 1], np.float32)
+    valid = np.array([1, 1, 1, 1, 0, 0], np.float32)  # the last two are padding: no anchors, no candidates
+    v[4] = 100 * u[0]  # a padding row that would win anchor 0's softmax if it counted
+    got = float(in_batch_ranking(jnp.asarray(u), jnp.asarray(v), labels, valid, 20.0))
+    want = _ranking_by_hand(u.astype(np.float64), v.astype(np.float64), labels, valid, 20.0)
+    assert got == pytest.approx(want, rel=1e-5) and want > 0.1
+    t = torch_ranking(torch.tensor(u), torch.tensor(v), torch.tensor(labels), torch.tensor(valid), 20.0).item()
+    assert t == pytest.approx(want, rel=1e-5)
+    # a batch without a valid positive pair adds nothing (and no NaN)
+    assert float(in_batch_ranking(jnp.asarray(u), jnp.asarray(v), np.zeros(6, np.float32), valid, 20.0)) == 0.0
+    # gradients reach only valid rows' embeddings
+    gu, gv = jax.grad(lambda a, b: in_batch_ranking(a, b, labels, valid, 20.0), argnums=(0, 1))(jnp.asarray(u), jnp.asarray(v))
+    assert np.all(np.asarray(gu)[4:] == 0) and np.all(np.asarray(gv)[4:] == 0) and np.abs(np.asarray(gv)[:4]).max() > 1e-3
+
+
+def test_ranking_weight_needs_a_siamese_paraphrase_head():
+    with pytest.raises(ValueError, match="cross"):
+        HeadConfig(para_head="cross", ranking_weight=1.0)
+    with pytest.raises(ValueError, match="ranking_weight"):
+        HeadConfig(ranking_weight=-1.0)
+    hc = HeadConfig(ranking_weight=0.5)
+    assert hc.ranks("para") and not hc.ranks("sts") and not hc.ranks("sst")
+    assert not HeadConfig().ranks("para")

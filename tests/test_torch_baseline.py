@@ -74,7 +74,8 @@ def _cfg(ckpt, combine: str, **kw) -> TrainConfig:
 def _torch(ckpt, cfg: TrainConfig, params_np, attn: str = "eager"):
     hc = cfg.heads
     model = tb.build_model(ckpt, hc.heads, pooling=hc.pooling, para_head=hc.para_head, sts_head=hc.sts_head,
-                           hidden_dropout=0.0, attention_dropout=0.0, attn_implementation=attn, jax_params=params_np)
+                           hidden_dropout=0.0, attention_dropout=0.0, attn_implementation=attn, jax_params=params_np,
+                           ranking_weight=hc.ranking_weight, ranking_scale=hc.ranking_scale)
     opt = tb.CS224NAdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     return model, opt
 
@@ -153,6 +154,29 @@ def test_mean_pooling_and_cosine_heads_match(tiny_bert_dir):
     step = make_train_step(spec, optimizer(cfg), cfg.tasks, "sum", "sum", True)
     state, metrics = step(init_state(params, optimizer(cfg)), batches, jax.random.key(0))
     t_metrics = tb.make_torch_step(model, opt, TASKS, "sum")(batches)
+    _compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics)
+
+
+@pytest.mark.parametrize("combine, impl", [("sum", "split"), ("pcgrad", "fused")])
+def test_in_batch_ranking_step_matches_jax(tiny_bert_dir, combine, impl):
+    """The recipe's heads (mean pooling, Siamese pair paraphrase head, 5 relu(cos) STS) plus in-batch negatives on
+    the paraphrase pairs (weight 0.5, scale 20): same losses, gradients and parameters after one step, summed
+    (per-task programs) and PCGrad (fused); the paraphrase loss is not the one without the ranking term."""
+    from train.heads import HeadConfig
+
+    hc = HeadConfig(pooling="mean", para_head="pair", sts_head="cosine_relu", ranking_weight=0.5, ranking_scale=20.0)
+    cfg = _cfg(tiny_bert_dir, combine, heads=hc)
+    spec, params = init_model(cfg, jax.random.key(3))
+    params_np = jax.tree.map(np.array, params)
+    model, opt = _torch(tiny_bert_dir, cfg, params_np)
+    batches = _batches(seed=4)
+    _check_no_near_ties(model, batches)
+    plain = float(tb.task_loss("para", model.scores("para", tb.to_torch_batch(batches["para"])), tb.to_torch_batch(batches["para"])))
+    step = make_train_step(spec, optimizer(cfg), cfg.tasks, combine, "sum", True, impl=impl)
+    state, metrics = step(init_state(params, optimizer(cfg), combine, len(TASKS)), batches, jax.random.key(0))
+    orders = None if combine == "sum" else _jax_pcgrad_orders(jax.random.key(0), 0, 3)
+    t_metrics = tb.make_torch_step(model, opt, TASKS, combine, pcgrad_orders=lambda s: orders)(batches)
+    assert float(metrics["loss_para"]) > plain + 0.1  # one valid positive pair, ranked among the three valid rows
     _compare(tiny_bert_dir, cfg, params_np, state, metrics, model, t_metrics)
 
 

@@ -31,6 +31,11 @@ class HeadConfig:
     para_head: str = "pair"  # "pair" | "cosine" | "cosine_mse" | "cross"
     sts_head: str = "pair"  # "pair" | "cosine" | "cosine_relu" | "cross"
     heads: tuple[str, ...] = ("sst", "para", "sts")  # which heads the model carries (every model is evaluable on all three)
+    # In-batch negatives (`train.losses.in_batch_ranking`) added to the loss of every binary pair task with a
+    # Siamese head, at this weight (0: off): each positive pair's first sentence must pick its own second
+    # sentence among the batch's second sentences, by `ranking_scale` * cosine.
+    ranking_weight: float = 0.0
+    ranking_scale: float = 20.0
 
     def __post_init__(self) -> None:
         if self.pooling not in ("cls", "mean"):
@@ -41,11 +46,23 @@ class HeadConfig:
         unknown = [t for t in self.heads if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task head(s) {sorted(unknown)}; known: {tuple(TASKS)}")
+        if self.ranking_weight < 0 or self.ranking_scale <= 0:
+            raise ValueError(f"ranking_weight must be >= 0 and ranking_scale > 0; got {self.ranking_weight}, {self.ranking_scale}")
+        if self.ranking_weight:
+            cross = [t for t in self.heads if TASKS[t].pair and TASKS[t].kind == "binary" and self.kind(t) == "cross"]
+            if cross:
+                raise ValueError(f"ranking_weight needs separate sentence embeddings, but the {cross[0]} head is "
+                                 f"'cross' (one encoded sequence per pair); use a Siamese head (pair, cosine, cosine_mse)")
 
     def kind(self, task: str) -> str:
         """"single" (a one-sentence task) or the pair task's head kind (`para_head` / `sts_head`, else the
         task's default, the first of its registered head kinds)."""
         return {"para": self.para_head, "sts": self.sts_head}.get(task, get_task(task).heads[0])
+
+    def ranks(self, task: str) -> bool:
+        """Whether `task`'s loss gets the in-batch ranking term (a binary pair task with a Siamese head)."""
+        spec = get_task(task)
+        return bool(self.ranking_weight) and spec.pair and spec.kind == "binary" and self.kind(task) != "cross"
 
     @property
     def cross_tasks(self) -> tuple[str, ...]:
@@ -116,6 +133,13 @@ def task_scores(
     `params = {"bert": encoder params, "heads": {task: head params}}`. Pair batches run both sentences
     through the encoder as one [2*batch, seq] call.
     """
+    return task_outputs(params, bert_config, hc, task, batch, rng)[0]
+
+
+def task_outputs(
+    params: Params, bert_config: BertConfig, hc: HeadConfig, task: str, batch: dict[str, jax.Array], rng: jax.Array | None = None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """(`task_scores`, the pooled sentence embeddings (u, v) [batch, hidden] each of a Siamese pair head, else None)."""
     if rng is not None:
         enc_rng, head_rng = jax.random.split(rng)
     else:
@@ -127,11 +151,17 @@ def task_scores(
                      token_type_ids=batch.get("token_type_ids"), dropout_rng=enc_rng)
         x = _dropout(pool(out, batch["attention_mask"], hc.pooling), bert_config.hidden_dropout_prob, head_rng)
         logits = x @ head["kernel"] + head["bias"]
-        return logits if get_task(task).kind == "classes" else logits[:, 0]
+        return (logits if get_task(task).kind == "classes" else logits[:, 0]), None
     ids = jnp.concatenate([batch["input_ids_1"], batch["input_ids_2"]], axis=0)
     mask = jnp.concatenate([batch["attention_mask_1"], batch["attention_mask_2"]], axis=0)
     emb = pool(encode(params["bert"], bert_config, ids, mask, dropout_rng=enc_rng), mask, hc.pooling)
     u, v = jnp.split(emb, 2, axis=0)
+    return _pair_scores(head, kind, task, u, v, bert_config.hidden_dropout_prob, head_rng), (u, v)
+
+
+def _pair_scores(head: Params, kind: str, task: str, u: jax.Array, v: jax.Array, dropout: float,
+                 rng: jax.Array | None) -> jax.Array:
+    """A Siamese pair head's scores [batch] from the two sentences' embeddings u, v [batch, hidden]."""
     lo, hi = get_task(task).label_range
     if kind == "cosine_mse":  # the report's cosine + MSE paraphrase head: cos - 1/2, positive when cos > 1/2
         return _cosine(u, v) - 0.5
@@ -143,5 +173,5 @@ def task_scores(
             return head["scale"] * cos + head["bias"]
         return (hi - lo) / 2 * (1.0 + cos) + lo
     feats = jnp.concatenate([u, v, jnp.abs(u - v), u * v], axis=-1)
-    feats = _dropout(feats, bert_config.hidden_dropout_prob, head_rng)
+    feats = _dropout(feats, dropout, rng)
     return (feats @ head["kernel"] + head["bias"])[:, 0]

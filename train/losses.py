@@ -28,6 +28,20 @@ def mean_squared_error(pred: jax.Array, target: jax.Array, valid: jax.Array) -> 
     return _masked_mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), valid)
 
 
+def in_batch_ranking(u: jax.Array, v: jax.Array, labels: jax.Array, valid: jax.Array, scale: float) -> jax.Array:
+    """In-batch negatives ("multiple negatives ranking", sentence-transformers' MultipleNegativesRankingLoss):
+    for every valid row i with label 1, softmax cross-entropy of `scale` * cos(u_i, v_j) over the valid rows j,
+    the target being j = i; the mean over those rows (0 when a batch has none). u, v: [batch, hidden]."""
+    def unit(x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        return x / jnp.sqrt(jnp.maximum(jnp.square(x).sum(-1, keepdims=True), 1e-16))
+
+    logits = scale * unit(u) @ unit(v).T  # [batch, batch]
+    logits = jnp.where(valid[None, :] > 0, logits, -1e9)  # padding rows are no candidates
+    per_row = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
+    return _masked_mean(per_row, valid * (labels > 0.5))
+
+
 def task_loss(task: str, scores: jax.Array, batch: dict[str, jax.Array], head: str | None = None) -> jax.Array:
     """`task`'s loss (by its kind in the task registry, or by its `head` kind's own loss) of a padded batch's scores."""
     from train.tasks import get_task  # train.tasks builds its losses from this module

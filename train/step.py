@@ -20,8 +20,8 @@ from bert_jax import BertConfig, Params
 from train import combine as combine_methods
 from train.compilation import StoredProgram
 from train.config import TrainConfig
-from train.heads import HeadConfig, init_heads, task_scores
-from train.losses import task_loss
+from train.heads import HeadConfig, init_heads, task_outputs, task_scores
+from train.losses import in_batch_ranking, task_loss
 from train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
@@ -77,7 +77,14 @@ def init_state(params: Params, tx: optax.GradientTransformation, combine: str = 
 
 
 def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.Array | None) -> jax.Array:
-    return task_loss(task, task_scores(params, spec.bert, spec.heads, task, batch, rng), batch, spec.heads.kind(task))
+    """`task`'s training loss on `batch`: its head's loss, plus the in-batch ranking term where it applies
+    (`HeadConfig.ranks`)."""
+    scores, pair = task_outputs(params, spec.bert, spec.heads, task, batch, rng)
+    loss = task_loss(task, scores, batch, spec.heads.kind(task))
+    if pair is not None and spec.heads.ranks(task):
+        loss = loss + spec.heads.ranking_weight * in_batch_ranking(*pair, batch["labels"], batch["valid"],
+                                                                   spec.heads.ranking_scale)
+    return loss
 
 
 def _task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
