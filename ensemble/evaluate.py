@@ -93,7 +93,7 @@ def group_models(models: Sequence[Model]) -> list[Group]:
     for (spec, _, max_len), idx in keys.items():
         first = models[idx[0]]
         params = stack([models[i].params for i in idx], names=[str(models[i].run) for i in idx])
-        groups.append(Group(spec, first.run, max_len, tuple(first.cfg.data.buckets), tuple(idx), params))
+        groups.append(Group(spec, first.run, max_len, tuple(first.cfg.data.scoring_buckets), tuple(idx), params))
     return groups
 
 

@@ -248,7 +248,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     encs, raw = load_encoded(resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok, cfg.data.max_len,
                              cross=cfg.heads.cross_tasks)
     check_token_ids(encs, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
-    metrics, _ = evaluate(eval_fn, params, encs, cfg.data.eval_batch_size, cfg.data.buckets)
+    metrics, _ = evaluate(eval_fn, params, encs, cfg.data.eval_batch_size, cfg.data.scoring_buckets)
     print(json_line({"run": args.run, "split": args.split, **metrics}))
     return 0
 
@@ -284,7 +284,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(D.summarize_skipped([td]), file=sys.stderr)
         enc = D.encode_task(td, tok, cfg.data.max_len, cross=t in cfg.heads.cross_tasks)
         check_token_ids({t: enc}, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
-        scores = predict_scores(eval_fn, params, enc, cfg.data.eval_batch_size, cfg.data.buckets)
+        scores = predict_scores(eval_fn, params, enc, cfg.data.eval_batch_size, cfg.data.scoring_buckets)
         saved[f"{t}_scores"], saved[f"{t}_ids"] = scores, np.asarray(enc.ids)
         if is_main_process():  # multi-host: every process has the scores, one writes
             path = write_leaderboard_file(out, t, args.split, enc.ids, scores, label=label)

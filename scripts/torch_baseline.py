@@ -504,7 +504,7 @@ def train_torch(cfg, data_dir: Path, log: Callable[[str], None] = lambda msg: No
     def dev() -> dict[str, float]:
         with torch.inference_mode():
             return summarize({t: task_metric(t, predict_scores(eval_fn, None, enc, cfg.data.eval_batch_size,
-                                                                cfg.data.buckets), enc.labels)
+                                                                cfg.data.scoring_buckets), enc.labels)
                               for t, enc in dev_sets.items()})
 
     if ema is None:

@@ -414,3 +414,32 @@ def _tiny_batches(ckpt, data_dir) -> dict:
     tok = bert_jax.load_tokenizer(ckpt)
     return {t: D.make_batch(D.encode_task(D.load_task(data_dir, t, "train"), tok, 32), np.arange(4), 4, (32,))
             for t in ("sst", "para", "sts")}
+
+
+def test_eval_buckets_pad_less_and_score_the_same(tiny_vocab_bert_dir, tiny_data_dir):
+    """`data.eval_buckets`: dev batches padded to the finer lengths (fewer padded tokens) give the scores of the
+    training buckets' padding (the reference: every batch padded to 32) within float rounding."""
+    from train.step import make_eval_fn
+    from train.trainer import predict_scores
+
+    cfg = TrainConfig.from_dict(dict(checkpoint=str(tiny_vocab_bert_dir), max_len=32, buckets=[32], eval_buckets=[8, 16, 32]))
+    assert cfg.data.scoring_buckets == (8, 16, 32)
+    spec, params = init_model(cfg, jax.random.key(0))
+    tok = bert_jax.load_tokenizer(tiny_vocab_bert_dir)
+    scorer = make_eval_fn(spec)
+    lengths: list[int] = []
+
+    def recording(p, task, batch):
+        lengths.append(next(v.shape[1] for k, v in batch.items() if k.startswith("input_ids")))
+        return scorer(p, task, batch)
+
+    for t in TASKS3:
+        enc = D.encode_task(D.load_task(tiny_data_dir, t, "dev"), tok, cfg.data.max_len)
+        coarse = predict_scores(scorer, params, enc, 8, cfg.data.buckets)
+        fine = predict_scores(recording, params, enc, 8, cfg.data.scoring_buckets)
+        np.testing.assert_allclose(fine, coarse, atol=1e-5, rtol=0)
+    assert min(lengths) < 32 and set(lengths) <= {8, 16, 32}
+    with pytest.raises(ValueError, match="eval_buckets"):
+        TrainConfig.from_dict(dict(buckets=[16, 32], eval_buckets=[8, 16]))  # would cut what training keeps
+    again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again.data.eval_buckets == (8, 16, 32) and TrainConfig().data.scoring_buckets == TrainConfig().data.buckets

@@ -54,6 +54,9 @@ class DataConfig:
     buckets: tuple[int, ...] = (16, 32, 64, 128)
     align_buckets: bool = False  # pad all tasks of a step to one bucket: fewer compiled shapes, more padding
     length_window: int = 0  # > 0: group a task's batches by length within windows of this many steps (less padding)
+    # the dev scorer's padded lengths (None: `buckets`). Finer ones pad evaluation batches less (length-sorted,
+    # they are nearly uniform) for a few more forward-only programs; the largest must be the largest of `buckets`
+    eval_buckets: tuple[int, ...] | None = None
     data_seed: int | None = None  # the data order (shuffles, training subsets); None: the run's `seed`. A
     # population's members share one data order (train/population.py), so a member's config names it here.
 
@@ -61,6 +64,14 @@ class DataConfig:
         odd = {t: b for t, b in self.task_batch_size.items() if t not in TASKS or not isinstance(b, int) or b < 1}
         if odd:
             raise ValueError(f"data.task_batch_size must map registered tasks {tuple(TASKS)} to positive ints, got {odd}")
+        if self.eval_buckets is not None and (not self.eval_buckets or max(self.eval_buckets) != max(self.buckets)):
+            raise ValueError(f"data.eval_buckets {self.eval_buckets} must end at the largest of data.buckets "
+                             f"{self.buckets} (sequences longer than the largest bucket are cut to it)")
+
+    @property
+    def scoring_buckets(self) -> tuple[int, ...]:
+        """The padded lengths of evaluation and prediction batches: `eval_buckets`, else `buckets`."""
+        return self.buckets if self.eval_buckets is None else self.eval_buckets
 
     def batch_sizes(self, tasks: tuple[str, ...]) -> dict[str, int]:
         """task -> its training batch size (`task_batch_size`, else `batch_size`)."""
@@ -149,6 +160,7 @@ class TrainConfig:
         d["tasks"] = list(self.tasks)
         d["heads"]["heads"] = list(self.heads.heads)
         d["data"]["buckets"] = list(self.data.buckets)
+        d["data"]["eval_buckets"] = None if self.data.eval_buckets is None else list(self.data.eval_buckets)
         del d["optim"]["total_steps"]
         return d
 
@@ -218,6 +230,8 @@ def _build_sections(d: dict[str, Any]) -> dict[str, Any]:
     data = dict(d["data"])
     if "buckets" in data:
         data["buckets"] = (data["buckets"],) if isinstance(data["buckets"], int) else tuple(data["buckets"])
+    if data.get("eval_buckets") is not None:
+        data["eval_buckets"] = (data["eval_buckets"],) if isinstance(data["eval_buckets"], int) else tuple(data["eval_buckets"])
     sections = {"heads": h, "data": data, "model": dict(d["model"]), "optim": dict(d["optim"])}
     for sec, values in sections.items():
         for f in dataclasses.fields(SECTIONS[sec]):

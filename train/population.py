@@ -345,7 +345,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
         for k, m in enumerate(members):
             params, metrics = dev_metrics(eval_fn, member_state(info.state, k), data.dev, m.cfg.data.eval_batch_size,
-                                          m.cfg.data.buckets)
+                                          m.cfg.data.scoring_buckets)
             log({"event": "eval", "member": m.run.name, **m.record(info.step, info.epoch, params, metrics, extra)})
 
     loop = Loop(data.sched, total, should_stop)

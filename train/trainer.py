@@ -65,7 +65,7 @@ from train.step import TrainState, init_model, init_state, make_eval_fn, make_tr
 
 # Config fields a resumed run may change: they alter neither the checkpointed state nor the data order.
 # (Not "checkpoint": a resumed run keeps its pretrained checkpoint, and its tokenizer, see rundir.check_tokenizer.)
-RESUMABLE_CHANGES = frozenset({"data.max_steps", "data.epochs", "keep_checkpoints", "data.eval_batch_size", "eval_every",
+RESUMABLE_CHANGES = frozenset({"data.max_steps", "data.epochs", "keep_checkpoints", "data.eval_batch_size", "data.eval_buckets", "eval_every",
                                "model.attention_impl", "model.remat", "model.scan_layers", "step_impl"})
 
 
@@ -399,7 +399,7 @@ class _EpochEnd:
         if not info.boundary or not eval_due(info.step, self.per_epoch, self.data.total, self.cfg.eval_every):
             return
         params, self.metrics = dev_metrics(self.eval_fn, info.state, self.data.dev, self.cfg.data.eval_batch_size,
-                                           self.cfg.data.buckets)
+                                           self.cfg.data.scoring_buckets)
         is_best = self.metrics.get("overall", -math.inf) > self.best
         if is_best:
             self.best = self.metrics["overall"]
@@ -474,7 +474,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
         with frozen_heap(), compiles:
             t0 = time.perf_counter()
             ready = prepare_programs(step_fn, end.eval_fn, start.state, data, start_step, dropout_key,
-                                     cfg.data.eval_batch_size, cfg.data.buckets)
+                                     cfg.data.eval_batch_size, cfg.data.scoring_buckets)
             log({"event": "programs", "ready": ready, "seconds": round(time.perf_counter() - t0, 1),
                  **compile_record(compiles)})
             if pending:
