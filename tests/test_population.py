@@ -34,14 +34,25 @@ def _evals(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("combine, interrupt, impl", [("sum", True, "loop"), ("pcgrad", False, "vmap")])
-def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp_path, combine, interrupt, impl):
-    """4 steps (dev at the end); the summed-loss population is stopped after step 2 (SIGTERM's path) and
-    resumed. Every member's params and dev metrics equal a separate `train` of its config (<= 1e-5), with the
-    members' step looped (the CPU default) and vmapped (the accelerator default)."""
+@pytest.mark.parametrize("combine, interrupt, impl, step_impl", [
+    ("sum", True, "loop", "fused"), ("pcgrad", False, "vmap", "fused"),
+    ("sum", False, "loop", "split"), ("pcgrad", True, "vmap", "split")])
+def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp_path, monkeypatch, combine, interrupt, impl,
+                                        step_impl):
+    """4 steps (dev at the end); some populations are stopped after step 2 (SIGTERM's path) and resumed. Every
+    member's params and dev metrics equal a separate `train` of its config (<= 1e-5), with the members' step
+    looped (the CPU default) and vmapped (the accelerator default), fused or as per-task programs
+    (`step_impl=split`, with two buckets so that the tasks' batch shapes differ between steps)."""
+    from train import population
     from train.population import train_population
 
-    cfgs = member_configs(_base(tiny_vocab_bert_dir, combine), MEMBERS[combine])
+    base = _base(tiny_vocab_bert_dir, combine)
+    built = []
+    if step_impl == "split":
+        base = base.with_values({"step_impl": "split", "data.buckets": (8, 16, 32)})
+        split_step = population._split_population_step
+        monkeypatch.setattr(population, "_split_population_step", lambda *a: built.append(a) or split_step(*a))
+    cfgs = member_configs(base, MEMBERS[combine])
     assert {c.data.data_seed for c in cfgs} == {cfgs[0].seed}  # one data order for all members
     runs = [tmp_path / "pop" / f"m{k}" for k in range(len(cfgs))]
     polls = {"n": 0}
@@ -55,6 +66,7 @@ def test_population_equals_separate_runs(tiny_vocab_bert_dir, tiny_data_dir, tmp
         assert all(r["stopped"] and r["step"] == 2 for r in first)
     results = train_population(cfgs, runs, tiny_data_dir, resume=interrupt, impl=impl)
     assert all(not r["stopped"] and r["step"] == 4 for r in results)
+    assert len(built) == (0 if step_impl == "fused" else 1 + interrupt)  # the split population step trained it
     for k, cfg in enumerate(cfgs):
         single = tmp_path / f"single{k}"
         ref = train(cfg, tiny_data_dir, single)

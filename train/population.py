@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -42,7 +43,8 @@ from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
-from train.step import TrainState, fused_step, init_model, init_state, make_eval_fn, model_spec, optimizer
+from train.step import (TrainState, _combine_and_update, _task_keys, fused_step, init_model, init_state, loss_fn,
+                        make_eval_fn, model_spec, optimizer)
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
                            compile_record, dev_metrics, eval_pending, load_run_data, recorded_best)
@@ -178,15 +180,17 @@ def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int, i
     Member k runs `fused_step` with `cfg`'s static settings and its own learning rate, dropout rate, loss
     weight and dropout key, all traced arguments (the model and optimizer accept arrays for them), so one
     compiled program serves every member. `impl` (default `default_impl()`): "vmap" = one jitted `jax.vmap` over
-    the stacked member axis; "loop" = the jitted member step called once per member.
+    the stacked member axis; "loop" = the jitted member step called once per member. With
+    `cfg.step_impl == "split"` the step is per-task programs plus an update instead (`_split_population_step`).
     """
     impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"population impl must be one of {IMPLS}, got {impl!r}")
+    if cfg.step_impl == "split":
+        return _split_population_step(cfg, bert, total_steps, impl)
 
     def one(state: TrainState, h: Hyper, batches: dict[str, D.Batch]):
-        mcfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=h.lr),
-                                   model=dataclasses.replace(cfg.model, hidden_dropout=h.hidden_dropout))
+        mcfg = _member_config(cfg, h)
         step = fused_step(model_spec(mcfg, bert), optimizer(mcfg, total_steps), cfg.tasks, cfg.combine,
                           cfg.pcgrad_reduction, cfg.finetune, loss_weight=h.loss_weight)
         return step(state, batches, h.key)
@@ -198,6 +202,61 @@ def make_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int, i
 
     def loop(states: list[TrainState], batches: dict[str, D.Batch], hyper: Hyper):
         outs = [single(s, member(hyper, k), batches) for k, s in enumerate(states)]
+        return [o[0] for o in outs], stack([o[1] for o in outs])
+
+    return loop
+
+
+def _member_config(cfg: TrainConfig, h: Hyper) -> TrainConfig:
+    """`cfg` with a member's traced learning rate and dropout rate."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=h.lr),
+                               model=dataclasses.replace(cfg.model, hidden_dropout=h.hidden_dropout))
+
+
+def _split_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int, impl: Impl
+                           ) -> Callable[[Any, dict[str, D.Batch], Hyper], tuple[Any, dict[str, jax.Array]]]:
+    """`make_population_step` with per-task programs (`step_impl="split"`, as `train.step.make_split_train_step`):
+    one (loss, gradient) program per task and batch shape, and one combine-and-update program, each jitted once
+    for the whole population (vmapped over the members, or called per member by "loop"). A population then
+    compiles at most `tasks x buckets + 1` programs where the fused step compiles one per combination of the
+    tasks' bucket lengths. A linear method's members weight the summed task gradients by their loss weight (the
+    fused step differentiates the weighted loss sum: the same up to float32 summation order)."""
+    tasks, method = cfg.tasks, combine_methods.get(cfg.combine)
+
+    def task_grad(params, h: Hyper, batch: D.Batch, step: jax.Array, *, task: str):
+        spec = model_spec(_member_config(cfg, h), bert)
+        _, keys = _task_keys(h.key, step, tasks)
+
+        def loss(p):
+            p = p if cfg.finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
+            return loss_fn(p, spec, task, batch, keys[task])
+
+        return jax.value_and_grad(loss)(params)
+
+    def update(state: TrainState, h: Hyper, losses: dict[str, jax.Array], grads: list):
+        step_rng, _ = _task_keys(h.key, state.step, tasks)
+        tx = optimizer(_member_config(cfg, h), total_steps)
+        if method.loss_weight is not None:  # a linear method: one gradient, the weighted sum
+            total = jax.tree.map(lambda *g: h.loss_weight * sum(g), *grads)
+            return _combine_and_update(tx, "sum", cfg.pcgrad_reduction, state, losses, [total], step_rng)
+        return _combine_and_update(tx, cfg.combine, cfg.pcgrad_reduction, state, losses, grads, step_rng)
+
+    def member_step(grad_fns, update_fn, state, h: Hyper, batches: dict[str, D.Batch]):
+        losses, grads = {}, []
+        for t in tasks:
+            losses[t], g = grad_fns[t](state.params, h, batches[t], state.step)
+            grads.append(g)
+        return update_fn(state, h, losses, grads)
+
+    if impl == "vmap":
+        grad_fns = {t: jax.jit(jax.vmap(functools.partial(task_grad, task=t), in_axes=(0, 0, None, 0))) for t in tasks}
+        update_fn = jax.jit(jax.vmap(update), donate_argnums=(0,))
+        return lambda states, batches, hyper: member_step(grad_fns, update_fn, states, hyper, batches)
+    grad_fns = {t: jax.jit(functools.partial(task_grad, task=t)) for t in tasks}
+    update_fn = jax.jit(update, donate_argnums=(0,))
+
+    def loop(states: list[TrainState], batches: dict[str, D.Batch], hyper: Hyper):
+        outs = [member_step(grad_fns, update_fn, s, member(hyper, k), batches) for k, s in enumerate(states)]
         return [o[0] for o in outs], stack([o[1] for o in outs])
 
     return loop
