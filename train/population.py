@@ -43,8 +43,8 @@ from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
-from train.step import (TrainState, _combine_and_update, _task_keys, fused_step, init_model, init_state, loss_fn,
-                        make_eval_fn, model_spec, optimizer)
+from train.step import (TrainState, combine_and_update, fused_step, init_model, init_state, loss_fn, make_eval_fn,
+                        model_spec, optimizer, task_keys)
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
                            compile_record, dev_metrics, eval_pending, load_run_data, recorded_best)
@@ -225,7 +225,7 @@ def _split_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int,
 
     def task_grad(params, h: Hyper, batch: D.Batch, step: jax.Array, *, task: str):
         spec = model_spec(_member_config(cfg, h), bert)
-        _, keys = _task_keys(h.key, step, tasks)
+        _, keys = task_keys(h.key, step, tasks)
 
         def loss(p):
             p = p if cfg.finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
@@ -234,12 +234,12 @@ def _split_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int,
         return jax.value_and_grad(loss)(params)
 
     def update(state: TrainState, h: Hyper, losses: dict[str, jax.Array], grads: list):
-        step_rng, _ = _task_keys(h.key, state.step, tasks)
+        step_rng, _ = task_keys(h.key, state.step, tasks)
         tx = optimizer(_member_config(cfg, h), total_steps)
         if method.loss_weight is not None:  # a linear method: one gradient, the weighted sum
             total = jax.tree.map(lambda *g: h.loss_weight * sum(g), *grads)
-            return _combine_and_update(tx, "sum", cfg.pcgrad_reduction, state, losses, [total], step_rng)
-        return _combine_and_update(tx, cfg.combine, cfg.pcgrad_reduction, state, losses, grads, step_rng)
+            return combine_and_update(tx, "sum", cfg.pcgrad_reduction, state, losses, [total], step_rng)
+        return combine_and_update(tx, cfg.combine, cfg.pcgrad_reduction, state, losses, grads, step_rng)
 
     def member_step(grad_fns, update_fn, state, h: Hyper, batches: dict[str, D.Batch]):
         losses, grads = {}, []

@@ -87,14 +87,14 @@ def loss_fn(params: Params, spec: ModelSpec, task: str, batch: Batch, rng: jax.A
     return loss
 
 
-def _task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def task_keys(rng: jax.Array, step: jax.Array, tasks: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The step's key and each task's dropout key (one derivation for the fused and the split step)."""
     rng = jax.random.fold_in(rng, step)
     return rng, {t: jax.random.fold_in(rng, i) for i, t in enumerate(tasks)}
 
 
-def _combine_and_update(tx: optax.GradientTransformation, combine: str, pcgrad_reduction: str, state: TrainState,
-                        losses: dict[str, jax.Array], task_grads: list[Params], step_rng: jax.Array):
+def combine_and_update(tx: optax.GradientTransformation, combine: str, pcgrad_reduction: str, state: TrainState,
+                       losses: dict[str, jax.Array], task_grads: list[Params], step_rng: jax.Array):
     """Combine per-task gradients (the registered method `combine`, see `train.combine`), apply the optimizer,
     return (state, metrics)."""
     method = combine_methods.get(combine)
@@ -132,8 +132,8 @@ def make_split_train_step(
     """
 
     def update(state: TrainState, losses: dict[str, jax.Array], task_grads: list[Params], rng: jax.Array):
-        step_rng, _ = _task_keys(rng, state.step, tasks)
-        return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, step_rng)
+        step_rng, _ = task_keys(rng, state.step, tasks)
+        return combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, step_rng)
 
     update_fn = jax.jit(update, donate_argnums=(0,))
     if tx_key is not None:
@@ -173,7 +173,7 @@ def _task_grad_jit(params: Params, batch: Batch, rng: jax.Array, step: jax.Array
                    tasks: tuple[str, ...], finetune: bool) -> tuple[jax.Array, Params]:
     """(loss, gradient) of one task's batch: the split step's per-task program. Module level, so every split
     step of the process (sum, mean, PCGrad; any optimizer) shares its compiled programs per (spec, task, shape)."""
-    _, keys = _task_keys(rng, step, tasks)
+    _, keys = task_keys(rng, step, tasks)
 
     def loss(p):
         p = p if finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
@@ -252,7 +252,7 @@ def fused_step(
         return loss_fn(frozen(params), spec, task, batch, rng)
 
     def step(state: TrainState, batches: dict[str, Batch], rng: jax.Array):
-        rng, keys = _task_keys(rng, state.step, tasks)
+        rng, keys = task_keys(rng, state.step, tasks)
         if weight is not None:  # a linear method: one gradient of the weighted loss sum
             def total(params):
                 losses = {t: one_task(params, t, batches[t], keys[t]) for t in tasks}
@@ -260,12 +260,12 @@ def fused_step(
 
             (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
             # the loss was already combined: hand the update one "task" gradient to sum
-            return _combine_and_update(tx, "sum", pcgrad_reduction, state, losses, [grads], rng)
+            return combine_and_update(tx, "sum", pcgrad_reduction, state, losses, [grads], rng)
         losses, task_grads = {}, []
         for t in tasks:
             losses[t], g = jax.value_and_grad(one_task)(state.params, t, batches[t], keys[t])
             task_grads.append(g)
-        return _combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, rng)
+        return combine_and_update(tx, combine, pcgrad_reduction, state, losses, task_grads, rng)
 
     return step
 
