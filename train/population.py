@@ -43,8 +43,8 @@ from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
 from train.rundir import RunLock, check_out_dir, check_tokenizer
-from train.step import (TrainState, combine_and_update, fused_step, init_model, init_state, loss_fn, make_eval_fn,
-                        model_spec, optimizer, task_keys)
+from train.step import (TrainState, combine_and_update, fused_step, init_model, init_state, make_eval_fn, model_spec,
+                        optimizer, task_keys, task_value_and_grad)
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
                            compile_record, dev_metrics, eval_pending, load_run_data, recorded_best)
@@ -225,13 +225,7 @@ def _split_population_step(cfg: TrainConfig, bert: BertConfig, total_steps: int,
 
     def task_grad(params, h: Hyper, batch: D.Batch, step: jax.Array, *, task: str):
         spec = model_spec(_member_config(cfg, h), bert)
-        _, keys = task_keys(h.key, step, tasks)
-
-        def loss(p):
-            p = p if cfg.finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
-            return loss_fn(p, spec, task, batch, keys[task])
-
-        return jax.value_and_grad(loss)(params)
+        return task_value_and_grad(params, spec, task, tasks, batch, h.key, step, cfg.finetune)
 
     def update(state: TrainState, h: Hyper, losses: dict[str, jax.Array], grads: list):
         step_rng, _ = task_keys(h.key, state.step, tasks)

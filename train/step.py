@@ -168,18 +168,25 @@ def make_split_train_step(
     return step
 
 
+def trained_params(params: Params, finetune: bool) -> Params:
+    """`params` as the loss sees them: the encoder behind a stop-gradient unless `finetune`."""
+    return params if finetune else {"bert": jax.lax.stop_gradient(params["bert"]), "heads": params["heads"]}
+
+
+def task_value_and_grad(params: Params, spec: ModelSpec, task: str, tasks: tuple[str, ...], batch: Batch,
+                        rng: jax.Array, step: jax.Array, finetune: bool) -> tuple[jax.Array, Params]:
+    """(loss, gradient) of one task's batch with the step's dropout key for `task` (un-jitted: the split step's
+    per-task program, and a split population's per member)."""
+    _, keys = task_keys(rng, step, tasks)
+    return jax.value_and_grad(lambda p: loss_fn(trained_params(p, finetune), spec, task, batch, keys[task]))(params)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "task", "tasks", "finetune"))
 def _task_grad_jit(params: Params, batch: Batch, rng: jax.Array, step: jax.Array, *, spec: ModelSpec, task: str,
                    tasks: tuple[str, ...], finetune: bool) -> tuple[jax.Array, Params]:
     """(loss, gradient) of one task's batch: the split step's per-task program. Module level, so every split
     step of the process (sum, mean, PCGrad; any optimizer) shares its compiled programs per (spec, task, shape)."""
-    _, keys = task_keys(rng, step, tasks)
-
-    def loss(p):
-        p = p if finetune else {"bert": jax.lax.stop_gradient(p["bert"]), "heads": p["heads"]}
-        return loss_fn(p, spec, task, batch, keys[task])
-
-    return jax.value_and_grad(loss)(params)
+    return task_value_and_grad(params, spec, task, tasks, batch, rng, step, finetune)
 
 
 # its executables persist across processes (train.compilation): a second run loads them without tracing
@@ -244,9 +251,7 @@ def fused_step(
     weight = None if method.loss_weight is None else (method.loss_weight(len(tasks)) if loss_weight is None else loss_weight)
 
     def frozen(params: Params) -> Params:
-        if gather is not None:
-            params = gather(params)
-        return params if finetune else {"bert": jax.lax.stop_gradient(params["bert"]), "heads": params["heads"]}
+        return trained_params(params if gather is None else gather(params), finetune)
 
     def one_task(params, task, batch, rng):
         return loss_fn(frozen(params), spec, task, batch, rng)
