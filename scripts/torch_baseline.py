@@ -32,6 +32,7 @@ layout (Dense kernels [in, out] <-> torch Linear weights [out, in]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.heads import COSINE_LOGIT_SCALE
+from train.heads import COSINE_LOGIT_SCALE, HeadConfig
 from train.tasks import get_task
 
 
@@ -60,6 +61,13 @@ class TorchSpec:
     attn_implementation: str = "eager"  # "eager" | "sdpa"
     ranking_weight: float = 0.0  # in-batch negatives on binary Siamese pair tasks (train.heads.HeadConfig)
     ranking_scale: float = 20.0
+
+    @functools.cached_property
+    def head_config(self) -> HeadConfig:
+        """The JAX model's `HeadConfig` of these heads: one definition of head kinds and of where the ranking term
+        applies."""
+        return HeadConfig(pooling=self.pooling, para_head=self.para_head, sts_head=self.sts_head, heads=self.heads,
+                          ranking_weight=self.ranking_weight, ranking_scale=self.ranking_scale)
 
 
 class TorchMultitask(nn.Module):
@@ -99,7 +107,7 @@ class TorchMultitask(nn.Module):
         self.heads = nn.ModuleDict(heads)
 
     def _kind(self, task: str) -> str:
-        return {"para": self.spec.para_head, "sts": self.spec.sts_head}.get(task, get_task(task).heads[0])
+        return self.spec.head_config.kind(task)
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids) if types is None else types)
@@ -116,8 +124,7 @@ class TorchMultitask(nn.Module):
         """`task`'s training loss (scores in float32), with the in-batch ranking term where the JAX model has it."""
         scores, pair = self.outputs(task, batch)
         loss = task_loss(task, scores.float(), batch, self._kind(task))
-        spec = get_task(task)
-        if self.spec.ranking_weight and pair is not None and spec.kind == "binary":
+        if self.spec.head_config.ranks(task):
             loss = loss + self.spec.ranking_weight * in_batch_ranking(*pair, batch["labels"], batch["valid"],
                                                                       self.spec.ranking_scale)
         return loss

@@ -6,8 +6,9 @@ An experiment is a run name + `TrainConfig` overrides on top of its protocol's b
   10 epochs over the largest task, full dev sets). Meant for a GPU.
 * `cpu`: the same experiments, scaled down for 2 CPU cores with the embedded all-MiniLM-L6-v2:
   `CPU_EPOCHS` epochs of `CPU_EPOCH_STEPS` round-robin steps (batch 8; dev after each epoch, the learning
-  curves), sequences cut to `CPU_MAX_LEN` tokens and padded to that one length (one compiled step shape
-  per program), every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ... 6e-5 sweep becomes
+  curves), sequences cut to `CPU_MAX_LEN` tokens, training batches length-grouped in `CPU_BUCKETS` and
+  trained as per-task programs (`step_impl="split"`: `tasks x buckets + 1` compiled programs per run), dev
+  batches padded to `CPU_EVAL_BUCKETS`, every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ... 6e-5 sweep becomes
   4e-5 ... 2.4e-4: with ~20x fewer updates than the report's 10 epochs the report's rates barely move
   the model), mean pooling instead of the [CLS] pooler (all-MiniLM-L6-v2 was trained as a mean-pooled
   sentence encoder: measured on this CPU, 150 summed-loss steps reach SST 0.443 / para 0.680 with mean
@@ -28,7 +29,7 @@ import dataclasses
 from typing import Any
 
 CPU_EPOCHS = 2
-CPU_EPOCH_STEPS = 300  # 600 steps per run; a full-dev evaluation costs ~1 min of 2 CPU cores per run
+CPU_EPOCH_STEPS = 300  # 600 steps per run; a full-dev evaluation of a multitask run: 39 s of 2 cores (model 17)
 CPU_LR_SCALE = 4.0
 CPU_MAX_LEN = 32
 # length-grouped training batches in these buckets, per-task programs (populations too): 1.50x fewer padded tokens
