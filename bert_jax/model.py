@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax import matmul
 from bert_jax.attention import keep_mask, self_attention
 from bert_jax.config import BertConfig, is_traced
 
@@ -46,9 +47,29 @@ def _activation(name: str):
     return jax.nn.relu
 
 
-def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
-    init = nn.initializers.normal(0.02)
-    return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+class Dense(nn.Module):
+    """`flax.linen.Dense` (same params: float32 `kernel` [in, out] ~ N(0, 0.02), `bias` [out] zeros) whose
+    16-bit compute goes through `matmul.einsum` (16-bit products, float32 accumulation, forward and backward).
+    Float32 compute is `nn.Dense`'s own: one dot_general, then the bias. x: [..., in] -> [..., out]."""
+
+    features: int
+    dtype: Any = jnp.float32  # compute dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        if jnp.dtype(self.dtype) == jnp.float32:
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        # the bias is added to the float32 product (its gradient: a float32 sum, not a 16-bit one, which XLA's CPU
+        # backend turns into a slow reduce-window), then the result is rounded once
+        y = matmul.einsum("ni,io->no", x.reshape(-1, x.shape[-1]), kernel, self.dtype) + bias
+        return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
+
+
+def _dense(config: BertConfig, features: int, name: str) -> Dense:
+    return Dense(features, dtype=config.compute_dtype, name=name)
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:

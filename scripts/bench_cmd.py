@@ -277,7 +277,12 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     """JAX train step vs the PyTorch baseline step, same shapes and weights."""
     threads = _set_threads()
     cfg = _cfg(args, combine="sum")
-    jx, tr, batches = step_arms(cfg, args.seed, args.torch_attn, args.batch, args.seq)
+    autocast = None
+    if args.torch_autocast:
+        import torch
+
+        autocast = getattr(torch, args.torch_autocast)
+    jx, tr, batches = step_arms(cfg, args.seed, args.torch_attn, args.batch, args.seq, autocast_dtype=autocast)
     with jx.events:
         first_a = seconds(jx, batches)
     first_b = seconds(tr, batches)
@@ -288,10 +293,12 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     t = interleave({"a": lambda: jx(batches), "b": lambda: tr(batches)}, args.reps)
     return result(
         "step", f"JAX train step (sum of {len(cfg.tasks)} task losses)",
-        f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn})", t, machine(),
+        f"PyTorch baseline step (transformers BertModel, attn_implementation={args.torch_attn}"
+        + (f", torch.autocast {args.torch_autocast})" if args.torch_autocast else ")"), t, machine(),
         checkpoint=args.checkpoint, batch=args.batch, seq=args.seq, tasks=list(cfg.tasks),
         shapes=f"sst [{args.batch},{args.seq}]; para, sts pairs [{args.batch},{args.seq}] x2 (encoder runs [{2 * args.batch},{args.seq}])",
         hidden_dropout=cfg.model.hidden_dropout, attention_dropout=jx.spec.bert.attention_probs_dropout_prob,
+        jax_dtype=str(jx.spec.bert.dtype), torch_autocast=args.torch_autocast,
         compile=jx.events.summary(), a_first_call_s=first_a, b_first_call_s=first_b,
         jax_compiled_shapes=jx.compiled_shapes(), torch_threads=threads, warmup=args.warmup, reps=args.reps,
     )
@@ -584,6 +591,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="cpu-sum", help="train preset / YAML giving dropout, lr, max_len, buckets (default cpu-sum)")
     p.add_argument("--torch-attn", default="eager", choices=["eager", "sdpa"],
                    help="transformers attention kernel of the baseline (default eager: the faster one on this CPU)")
+    p.add_argument("--torch-autocast", default=None, choices=["bfloat16", "float16"],
+                   help="step: the PyTorch arm's forward under torch.autocast(DTYPE) (fp32 params and optimizer), "
+                        "to compare with a JAX `dtype=bfloat16` step like for like")
     p.add_argument("--data-dir", default=None, help="CS224N data (epoch, ensemble); else $BERT_JAX_DATA, else ./data")
     p.add_argument("--limit", type=int, default=None, help="epoch: first N training examples per task (default: all)")
     p.add_argument("--k", type=int, default=4, help="ensemble / population members")

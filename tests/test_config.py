@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from train.config import PRESETS, SECTIONS, TrainConfig, resolve_config
+from bert_jax.config import BertConfig
+from train.config import PRESETS, SECTIONS, ModelConfig, TrainConfig, resolve_config
 from train.heads import HeadConfig
 
 
@@ -147,7 +148,8 @@ def test_a_run_directory_written_with_flat_keys_still_loads():
            "align_buckets": False, "length_window": 32, "hidden_dropout": 0.1, "attention_dropout": None,
            "dtype": "float32", "attention_impl": "xla", "remat": False, "scan_layers": False, "step_impl": "split",
            "seed": 0, "data_seed": None, "keep_checkpoints": 2}  # runs/sst32-s0/config.yaml of 2026-11-26
-    assert TrainConfig.from_dict(old) == resolve_config("cpu-recipe", ["eval_every=1"])  # written before eval_every
+    # written before eval_every, and in float32 (the preset's dtype has been `auto` since)
+    assert TrainConfig.from_dict(old) == resolve_config("cpu-recipe", ["eval_every=1", "dtype=float32"])
 
 
 def test_unknown_section_key_lists_the_sections_keys():
@@ -178,3 +180,18 @@ def test_optim_build_is_the_configured_schedule_and_multipliers():
     for (enc, head), lr in zip(steps, lrs):
         assert enc == pytest.approx(-lr, rel=1e-5, abs=1e-9)
         assert head == pytest.approx(-10 * lr, rel=1e-5, abs=1e-8)
+
+
+def test_dtype_auto_resolves_once_and_a_resumed_run_keeps_its_own(monkeypatch):
+    from bert_jax import matmul
+
+    cfg = resolve_config("cpu-recipe")
+    assert cfg.model.dtype == "auto"
+    monkeypatch.setattr(matmul, "auto_dtype", lambda: "bfloat16")
+    assert cfg.resolve_dtype().model.dtype == "bfloat16"
+    assert cfg.resolve_dtype().data == cfg.data  # nothing else changes
+    stored = resolve_config("cpu-recipe", ["dtype=float32"])
+    assert cfg.resolve_dtype(stored).model.dtype == "float32"  # resuming: the run's own dtype, whatever this machine's
+    explicit = resolve_config("cpu-recipe", ["dtype=float32"])
+    assert explicit.resolve_dtype() is explicit
+    assert ModelConfig(dtype="auto").build(BertConfig()).dtype == "bfloat16"

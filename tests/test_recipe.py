@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from scripts.cli import main as cli_main
 from train.config import resolve_config
@@ -45,6 +46,9 @@ def test_recipe_trains_evaluates_and_predicts(recipe_run, tiny_data_dir, tmp_pat
     assert result["xla_compiles"] + result["stored_programs"] >= 1 and result["compile_s"] > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [6] and all("compile_s" in r for r in records)  # eval_every=3: the end only
+    from bert_jax import matmul  # the preset's dtype=auto, written as this machine's concrete dtype
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["dtype"] == matmul.auto_dtype()
 
     assert cli_main(["evaluate", str(run), "--split", "dev", "--data-dir", str(tiny_data_dir)]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

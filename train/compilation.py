@@ -224,9 +224,12 @@ class StoredProgram:
         # "Function ... not found" when the stored copy runs), so the store compiles under options JAX's cache key
         # sees (`_FRESH`, a no-op for the program) and JAX's cache never keeps them; should it answer all the same
         # (a cache written by something else), nothing is stored.
+        # traced and lowered before the hit count starts: what tracing runs eagerly (a backend probe such as
+        # `bert_jax.matmul.mixed_dot_supported`) may itself be answered by JAX's cache
+        lowered = self.jitted.trace(*args, **static).lower()
         hits = CompileEvents.jax_cache_hits()
         with _jax_cache_writes_off():
-            compiled = self.jitted.trace(*args, **static).lower().compile(compiler_options=_FRESH)
+            compiled = lowered.compile(compiler_options=_FRESH)
         if CompileEvents.jax_cache_hits() != hits:
             warnings.warn(f"{self.name}: JAX's compilation cache answered the store's compile; not stored")
             return compiled

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from bert_jax import matmul
 from bert_jax.config import BERT_JAX_OPTIONS, BertConfig
 from train import combine as combine_methods
 from train.heads import HeadConfig
@@ -22,6 +23,8 @@ class ModelConfig:
 
     hidden_dropout: float = 0.3
     attention_dropout: float | None = None  # None: the checkpoint's value
+    # compute dtype: "float32", "bfloat16", "float16", or "auto" (`bert_jax.matmul.auto_dtype`: bf16 on GPUs, TPUs
+    # and AMX CPUs, else fp32); a run resolves "auto" before it writes config.yaml (`TrainConfig.resolve_dtype`)
     dtype: str = "float32"
     attention_impl: str = "xla"  # "xla" | "cudnn" (no attention dropout, bf16 / fp16 only)
     remat: bool = False
@@ -30,6 +33,8 @@ class ModelConfig:
     def build(self, bert: BertConfig) -> BertConfig:
         """The checkpoint's `bert` config with this run's dropout rates and execution options."""
         overrides: dict[str, Any] = {k: getattr(self, k) for k in BERT_JAX_OPTIONS}  # same names in BertConfig
+        if self.dtype == "auto":
+            overrides["dtype"] = matmul.auto_dtype()
         overrides["hidden_dropout_prob"] = self.hidden_dropout
         if self.attention_dropout is not None:
             overrides["attention_probs_dropout_prob"] = self.attention_dropout
@@ -174,6 +179,14 @@ class TrainConfig:
                 out[k] = v
         return out
 
+    def resolve_dtype(self, stored: "TrainConfig | None" = None) -> "TrainConfig":
+        """This config with `model.dtype=auto` made concrete: the stored run's dtype when resuming one (`stored`),
+        else `bert_jax.matmul.auto_dtype()` for this process's backend. Any other dtype is returned as is."""
+        if self.model.dtype != "auto":
+            return self
+        dtype = stored.model.dtype if stored is not None and stored.model.dtype != "auto" else matmul.auto_dtype()
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, dtype=dtype))
+
     def with_values(self, values: dict[str, Any]) -> "TrainConfig":
         """A copy with `values` (`optim.lr`, flat `lr`, top-level or whole sections) applied."""
         return TrainConfig.from_dict(self.to_dict() | dict(values))
@@ -264,7 +277,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-recipe": merge(_CPU, {
         "step_impl": "split",
         "eval_every": 3,
-        "model": {"hidden_dropout": 0.1},
+        "model": {"hidden_dropout": 0.1, "dtype": "auto"},
         "optim": {"lr": 1e-4, "head_lr_scale": 10.0, "warmup_steps": 100, "schedule": "linear"},
         "data": {"batch_size": 16, "task_batch_size": {"sst": 32}, "max_len": 128, "buckets": (16, 24, 32, 48, 64, 96, 128),
                  "length_window": 32, "epochs": 3, "epoch_policy": 250},

@@ -289,6 +289,7 @@ def train_population(cfgs: Sequence[TrainConfig], runs: Sequence[str | Path], da
     Returns one result per member (last dev metrics, `best_overall`, `best_checkpoint`, `step`, `stopped`,
     and the population's `wall_s` / `compile_s`). `impl`: see `make_population_step`. `tensorboard`: each
     member's events also go to its RUN/tensorboard (`train.tensorboard`)."""
+    cfgs = [c.resolve_dtype() for c in cfgs]  # `dtype=auto`: this machine's dtype, written to each member's config.yaml
     check_population(cfgs)
     runs = [Path(r) for r in runs]
     if len(runs) != len(cfgs) or len(set(runs)) != len(runs):

@@ -299,6 +299,9 @@ def train(
     `tensorboard`: also write the log events to RUN/tensorboard (`train.tensorboard`).
     """
     run = Path(run_dir)
+    if cfg.model.dtype == "auto":  # -> this machine's (or the resumed run's) dtype, before config.yaml is written
+        resumed = resume and all((run / f).is_file() for f in ("config.yaml", "bert_config.json"))
+        cfg = cfg.resolve_dtype(read_run_config(run)[0] if resumed else None)
     if not is_main_process():  # multi-host: process 0 owns and locks the directory
         return _train_run(cfg, data_dir, run, resume, log, should_stop, log_every, fault, dp, overwrite, False)
     with RunLock(run, note=lambda msg: log({"event": "note", "message": msg})):
