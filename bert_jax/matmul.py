@@ -12,8 +12,8 @@ Only for 16-bit compute: float32 callers use plain `jnp.einsum` (bitwise today's
 its 2-D dense products (`model.Dense`); batched products (attention's) stay 16-bit in and out, because XLA's CPU
 dot kernel, which takes batched dots, rejects a 16-bit x 16-bit -> float32 dot at run time.
 
-Measured (`bert-jax bench --what dtype --config cpu-recipe --batch 16 --seq 64`, family 6 model 207): the bf16
-train step went from 1.002× the fp32 step's time to 0.749×.
+Measured (`bert-jax bench --what dtype --config cpu-recipe --batch 16 --seq 64 --reps 10`, family 6 model 207): the
+bf16 train step went from 1.002× the fp32 step's time to 0.690× (commit c827c4e).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def _einsum_f32acc(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> j
 def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """`jnp.einsum(spec, a, b)` with both operands cast to `dtype` and a float32 result (float32 accumulation).
 
-    `spec` names two operands and an output (`"...i,io->...o"`, `"bqhd,bkhd->bhqk"`); every index of an
+    `spec` names two operands and an output (the model's: `"ni,io->no"`; a batched spec compiles, but XLA's CPU
+    backend rejects batched mixed dots at run time, see the module docstring); every index of an
     operand must also appear in the other operand or in the output (no index summed inside one operand), so
     that each gradient is again one einsum. Gradients come back in each operand's own dtype: a float32
     kernel gets a float32 gradient, accumulated in float32 from 16-bit products. Where the backend cannot run
@@ -111,7 +112,7 @@ def auto_dtype() -> str:
     product (`mixed_dot_supported`); "float32" on every other CPU.
 
     Measured on the AMX Xeon (family 6 model 207, `cpu-recipe`, seed 0): the bf16 train step 0.749× the fp32
-    step's time, `make train` 16.7 vs 23.4 min, dev overall 0.7464 vs 0.7470. CPUs without AMX (the AVX2 and
+    step's time 0.690×, `make train` on fresh clones 17.5 vs 23.4 min, dev overall 0.7464 vs 0.7470. CPUs without AMX (the AVX2 and
     AVX-512-bf16 EPYCs) measured bf16 3–13% slower than fp32 before this module existed and were not
     measured since, so they keep float32.
     """
