@@ -112,7 +112,7 @@ def auto_dtype() -> str:
     product (`mixed_dot_supported`); "float32" on every other CPU.
 
     Measured on the AMX Xeon (family 6 model 207, `cpu-recipe`, seed 0): the bf16 train step
-    step's time 0.690×, `make train` on fresh clones 17.5 vs 23.4 min, dev overall 0.7464 vs 0.7470. CPUs without AMX (the AVX2 and
+    takes 0.690× the fp32 step's time, `make train` on fresh clones 17.5 vs 23.4 min, dev overall 0.7464 vs 0.7470. CPUs without AMX (the AVX2 and
     AVX-512-bf16 EPYCs) measured bf16 3–13% slower than fp32 before this module existed and were not
     measured since, so they keep float32.
     """
