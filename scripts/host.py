@@ -39,14 +39,26 @@ def tune_host_malloc() -> bool:
         return False
 
 
+CORES_ENV = "BERT_JAX_CPU_CORES"  # e.g. "1" or "0,1": pin the process to these cores (`bert-jax experiments --workers`)
+
+
 def prepare_process(malloc: bool = True) -> dict[str, Any]:
     """Host settings for the whole process (JAX and the PyTorch baseline alike); returns what was set.
+
+    `$BERT_JAX_CPU_CORES` (comma-separated core ids): the process runs on those cores only, so XLA's and
+    torch's thread pools, created later, size themselves to them (a parallel study job gets one core each).
 
     OMP_WAIT_POLICY=PASSIVE (unless set): on a loaded machine torch's OpenMP workers otherwise
     busy-wait at every barrier (measured here under load ~10 on 2 cores: 9.9 CPU-s per baseline
     step instead of 1.26). `malloc`: `tune_host_malloc`.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cores = os.environ.get(CORES_ENV)
+    if cores:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+        except (ValueError, OSError) as e:
+            raise ValueError(f"${CORES_ENV}={cores!r}: not a list of this machine's core ids ({e})") from None
     late = [m for m in ("torch", "jaxlib") if m in sys.modules]
-    return {"omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "malloc_tuned": tune_host_malloc() if malloc else False,
+    return {"omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "cores": cores or None, "malloc_tuned": tune_host_malloc() if malloc else False,
             "imported_before_setup": late}

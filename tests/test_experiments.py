@@ -40,7 +40,7 @@ def test_population_groups_share_one_architecture():
 def test_driver_resumes_and_reports(tmp_path, tiny_data_dir, tiny_vocab_bert_dir):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "scripts.cli", "experiments", "--protocol", "tiny", "--data-dir", str(tiny_data_dir),
-           "--out", str(out), "--checkpoint", str(tiny_vocab_bert_dir), "--only", "sum,sum-seed1,sst-pretrain", "--no-torch"]
+           "--out", str(out), "--checkpoint", str(tiny_vocab_bert_dir), "--only", "sum,sum-seed1,sst-pretrain", "--no-torch", "--workers", "1"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "[train] population of 2: sum, sum-seed1" in first.stderr and "[train] sst-pretrain" in first.stderr
@@ -111,3 +111,52 @@ def test_findings_mark_each_claim_against_the_seed_band():
     assert verdict["PCGrad gains nothing for its cost (Table 3)"] == "reproduced"
     assert verdict[bce] == "reproduced"
     assert verdict["Ensembles of ensembles are best (Table 5)"] == "inconclusive (within the seed spread)"  # +0.005
+
+
+def test_split_groups_cut_populations_per_worker():
+    from train.experiments import split_groups
+
+    groups = [["a", "b", "c", "d", "e"], ["p"], ["x", "y"]]
+    assert split_groups(groups, 1) == groups
+    assert split_groups(groups, 2) == [["a", "b"], ["c", "d", "e"], ["p"], ["x"], ["y"]]
+    assert split_groups(groups, 8) == [["a"], ["b"], ["c"], ["d"], ["e"], ["p"], ["x"], ["y"]]
+    # the cpu study on 2 workers: two populations of 5 (the seeds / sum-mean / dropout ones, and the lr sweep)
+    configs = {e.name: experiment_config_dict("cpu", e) for e in EXPERIMENTS}
+    pops = [g for g in split_groups(population_groups(configs), 2) if len(g) > 1]
+    assert pops == [["sum", "sum-seed1", "mean", "sum-drop0.4", "mean-drop0.4"],
+                    ["lr2e-5", "lr3e-5", "lr4e-5", "lr5e-5", "lr6e-5"]]
+
+
+def test_parallel_jobs_longest_first_and_skip_done(tmp_path):
+    from scripts.experiments_cmd import TORCH_JOB, parallel_jobs
+
+    configs = {e.name: experiment_config_dict("cpu", e) for e in EXPERIMENTS}
+    jobs = parallel_jobs(tmp_path, configs, 2, torch=True)
+    assert [j.cost for j in jobs] == sorted((j.cost for j in jobs), reverse=True)
+    assert jobs[0].names in {("sum", "sum-seed1", "mean", "sum-drop0.4", "mean-drop0.4"),
+                             ("lr2e-5", "lr3e-5", "lr4e-5", "lr5e-5", "lr6e-5")}
+    assert (TORCH_JOB,) in [j.names for j in jobs] and jobs[-1].names == ("cfimdb-pretrain",)
+    assert sorted(n for j in jobs for n in j.names) == sorted([*configs, TORCH_JOB])
+    (tmp_path / "runs" / "sum").mkdir(parents=True)
+    (tmp_path / "runs" / "sum" / "done.json").write_text("{}")
+    (tmp_path / "torch-sum.json").write_text("{}")
+    names = [n for j in parallel_jobs(tmp_path, configs, 2, torch=True) for n in j.names]
+    assert "sum" not in names and TORCH_JOB not in names and "sum-seed1" in names
+
+
+def test_driver_parallel_workers_match_one_process(tmp_path, tiny_data_dir, tiny_vocab_bert_dir):
+    """--workers 2: jobs as pinned processes (a population cut in two); the runs end as in one process."""
+    base = [sys.executable, "-m", "scripts.cli", "experiments", "--protocol", "tiny", "--data-dir", str(tiny_data_dir),
+            "--checkpoint", str(tiny_vocab_bert_dir), "--only", "sum,sum-seed1,mean,sst-pretrain", "--no-torch"]
+    par = subprocess.run([*base, "--out", str(tmp_path / "par"), "--workers", "2"], capture_output=True, text=True, timeout=900)
+    assert par.returncode == 0, par.stderr[-3000:]
+    assert "[parallel] 3 job(s) on 2 worker(s)" in par.stderr and "[job] sum+1 done" in par.stderr
+    assert (tmp_path / "par" / "logs" / "sum+1.log").read_text().count("[train] population of 2: sum, sum-seed1") == 1
+    seq = subprocess.run([*base, "--out", str(tmp_path / "seq"), "--workers", "1"], capture_output=True, text=True, timeout=900)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    assert "[train] population of 3: sum, sum-seed1, mean" in seq.stderr
+    for name in ("sum", "sum-seed1", "mean", "sst-pretrain"):
+        a, b = (json.loads((tmp_path / d / "runs" / name / "done.json").read_text()) for d in ("par", "seq"))
+        for k in ("sst", "para", "sts"):
+            assert abs(a[k] - b[k]) < 1e-4, (name, k, a[k], b[k])
+    assert json.loads((tmp_path / "par" / "study.json").read_text())["workers"] == 2

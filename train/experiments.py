@@ -5,15 +5,15 @@ An experiment is a run name + `TrainConfig` overrides on top of its protocol's b
 * `report`: the report's hyper-parameters (§5.3: batch 8, lr 1e-5, hidden dropout 0.3, AdamW wd 0,
   10 epochs over the largest task, full dev sets). Meant for a GPU.
 * `cpu`: the same experiments, scaled down for 2 CPU cores with the embedded all-MiniLM-L6-v2:
-  `CPU_EPOCHS` epochs of `CPU_EPOCH_STEPS` round-robin steps (batch 8; dev after each epoch, the learning
-  curves), sequences cut to `CPU_MAX_LEN` tokens, training batches length-grouped in `CPU_BUCKETS` and
+  `CPU_EPOCHS` epochs of `CPU_EPOCH_STEPS` round-robin steps (batch 8; the full dev sets once, after the last
+  step, as the report evaluates its final model; the learning curves are the training losses), sequences cut to `CPU_MAX_LEN` tokens, training batches length-grouped in `CPU_BUCKETS` and
   trained as per-task programs (`step_impl="split"`: `tasks x buckets + 1` compiled programs per run), dev
   batches padded to `CPU_EVAL_BUCKETS`, every learning rate multiplied by `CPU_LR_SCALE` (so the 1e-5 ... 6e-5 sweep becomes
   4e-5 ... 2.4e-4: with ~20x fewer updates than the report's 10 epochs the report's rates barely move
   the model), mean pooling instead of the [CLS] pooler (all-MiniLM-L6-v2 was trained as a mean-pooled
   sentence encoder: measured on this CPU, 150 summed-loss steps reach SST 0.443 / para 0.680 with mean
   pooling, while the [CLS] pooler still predicts the majority class of SST and Quora after 500 steps),
-  and the full dev sets. Everything else (batch size, dropout, losses, heads, optimizer, task
+  the full dev sets, and `dtype=auto` (bf16 matmuls where the CPU has AMX). Everything else (batch size, dropout, losses, heads, optimizer, task
   sampling) is the report's.
 
 Runs whose configs differ only in `train.population.MEMBER_FIELDS` (learning rate, dropout, seed, sum vs
@@ -39,6 +39,9 @@ CPU_LENGTH_WINDOW = 32
 # the dev sets padded to these lengths (length-sorted batches): a full-dev evaluation ~1.7x faster than all at 32
 CPU_EVAL_BUCKETS = [8, 16, 24, 32]
 BASE_LR = 1e-5
+# bf16 matmuls on CPUs with AMX (and on accelerators), fp32 elsewhere (`bert_jax.matmul.auto_dtype`): measured on the
+# 2-core Intel family 6 model 207, the study's step (batch 8, seq 24) takes 0.75x its fp32 time
+CPU_DTYPE = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ def protocol_base(protocol: str) -> tuple[str, dict[str, Any], float]:
         return "report", {"epochs": CPU_EPOCHS, "epoch_policy": CPU_EPOCH_STEPS, "max_len": CPU_MAX_LEN,
                           "buckets": CPU_BUCKETS, "length_window": CPU_LENGTH_WINDOW, "step_impl": "split",
                           "eval_buckets": CPU_EVAL_BUCKETS, "heads": {"pooling": "mean"},
-                          "eval_batch_size": 128}, CPU_LR_SCALE
+                          "eval_batch_size": 128, "eval_every": CPU_EPOCHS, "dtype": CPU_DTYPE}, CPU_LR_SCALE
     if protocol == "tiny":  # for tests: a few steps on tiny data
         return "report", {"epochs": 2, "epoch_policy": 1, "max_len": 32, "buckets": [32], "dev_limit": 16,
                           "batch_size": 4, "eval_batch_size": 16}, 1.0
@@ -153,6 +156,17 @@ def population_groups(configs: dict[str, dict[str, Any]]) -> list[list[str]]:
         key = repr(sorted((k, repr(v)) for k, v in d.items() if k not in MEMBER_FIELDS or (k == "combine" and not linear)))
         groups.setdefault(key, []).append(name)
     return list(groups.values())
+
+
+def split_groups(groups: list[list[str]], parts: int) -> list[list[str]]:
+    """Each population of `groups` cut into `parts` contiguous populations of near-equal size (one per worker, so
+    that parallel workers finish together: `bert-jax experiments --workers`); `parts` <= 1 keeps them whole."""
+    out: list[list[str]] = []
+    for g in groups:
+        n = max(1, min(parts, len(g)))
+        bounds = [round(i * len(g) / n) for i in range(n + 1)]
+        out += [g[a:b] for a, b in zip(bounds, bounds[1:])]
+    return out
 
 
 def protocol_summary(protocol: str) -> str:
