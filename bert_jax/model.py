@@ -93,7 +93,7 @@ class Dropout(nn.Dropout):
         keep_prob = 1.0 - self.rate
         keep = keep_mask(rng, keep_prob, inputs.shape)
         # a traced rate: multiply by the reciprocal (a division by a runtime scalar costs ~10% of a CPU train step)
-        kept = inputs * (1.0 / keep_prob) if traced else inputs / keep_prob
+        kept = (inputs * (1.0 / keep_prob)).astype(inputs.dtype) if traced else inputs / keep_prob  # bf16 stays bf16
         return jax.lax.select(keep, kept, jnp.zeros_like(inputs))
 
 

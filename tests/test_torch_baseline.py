@@ -249,6 +249,12 @@ def test_fast_dropout_masks_equal_flax_bernoulli():
     theirs = nn.Dropout(0.3).apply({}, x, False, rngs={"dropout": key})
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     assert float((ours == 0).mean()) > 0.1
+    # a traced (per-member) rate, as in a population: bf16 activations stay bf16, masks and scale as flax's
+    xb = x.astype(jnp.bfloat16)
+    traced = jax.jit(lambda r: Dropout(r).apply({}, xb, False, rngs={"dropout": key}))(jnp.float32(0.3))
+    assert traced.dtype == jnp.bfloat16
+    ref = nn.Dropout(0.3).apply({}, xb.astype(jnp.float32), False, rngs={"dropout": key})
+    np.testing.assert_allclose(np.asarray(traced, np.float32), np.asarray(ref), rtol=8e-3)
 
 
 def _cross_batch(seed: int) -> dict[str, np.ndarray]:
