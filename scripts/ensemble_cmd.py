@@ -64,6 +64,28 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_dev(runs: list[Path], limit: int | None) -> list[dict]:
+    """Each run's dev metrics as its trainer recorded them for the params `load_params` loads: the last
+    `metrics.jsonl` record marked best (the best checkpoint's evaluation). The run's dev set must be the one a
+    soup evaluates on (`dev_limit` == `limit`)."""
+    from train.checkpoint import read_run_config
+    from train.tasks import TASKS
+
+    out = []
+    for run in runs:
+        cfg, _ = read_run_config(run)
+        if cfg.data.dev_limit != limit:
+            raise ValueError(f"{run}: recorded on dev_limit={cfg.data.dev_limit}, the soup scores on limit={limit}")
+        path = run / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        best = [r for r in records if r.get("best")]
+        if not best or not (run / "best").is_dir():
+            raise ValueError(f"{path}: no recorded best-dev evaluation (train the run with dev evaluation, or drop "
+                             f"--recorded-scores)")
+        out.append({k: best[-1][k] for k in (*TASKS, "overall") if k in best[-1]})
+    return out
+
+
 def _soup(args: argparse.Namespace) -> int:
     from ensemble.evaluate import Model, group_models, load_models, load_split, metrics_of, model_scores
     from ensemble.soup import check_compatible, greedy_soup, uniform_soup
@@ -95,7 +117,7 @@ def _soup(args: argparse.Namespace) -> int:
 
     record: dict = {"kind": "greedy" if args.greedy else "uniform", "ingredients": names}
     if args.greedy:
-        own = dev(models)
+        own = recorded_dev([m.run for m in models], args.limit) if args.recorded_scores else dev(models)
         for n, m in zip(names, own):
             _log(f"ingredient {n}: dev {json.dumps({k: round(v, 4) for k, v in m.items()})}")
         params, kept, history = greedy_soup(trees, lambda p: dev([as_first(p)])[0]["overall"], [m["overall"] for m in own], names)
@@ -134,6 +156,9 @@ def register(subparsers) -> None:
     p.add_argument("runs", nargs="+", help="run directories (same architecture, fine-tuned from the same checkpoint)")
     p.add_argument("--out", required=True, help="the soup's run directory (must not exist or be empty)")
     p.add_argument("--greedy", action="store_true", help="greedy soup: keep an ingredient only if dev overall does not drop")
+    p.add_argument("--recorded-scores", action="store_true",
+                   help="greedy: rank the ingredients by the dev metrics their runs recorded (metrics.jsonl, best "
+                        "evaluation) instead of evaluating each again")
     p.add_argument("--data-dir", default=None, help="dev data (needed by --greedy; with it a uniform soup's dev metrics are recorded)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N dev examples of each task")

@@ -134,7 +134,8 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
         raise RuntimeError("ensemble evaluation failed")
     out = {r["name"].replace("ens", "ensemble"): r for r in json.loads(table.read_text())["rows"] if r["kind"] != "member"}
     members = [str(results / "runs" / n) for n in SOUP_MEMBERS if (results / "runs" / n / "done.json").is_file()]
-    for kind, flags in (("uniform", []), ("greedy", ["--greedy"])):
+    # greedy: ingredients ranked by the dev scores their runs recorded (the same dev sets), not evaluated again
+    for kind, flags in (("uniform", []), ("greedy", ["--greedy", "--recorded-scores"])):
         run = results / "runs" / f"soup-{kind}"
         if not (run / "soup.json").is_file():
             shutil.rmtree(run, ignore_errors=True)  # an interrupted soup is redone

@@ -276,6 +276,30 @@ def test_soup_cli_runs_load_and_evaluate(runs, tmp_path, tiny_data_dir, capsys):
     assert "different model (heads.para_head: 'pair' vs 'cosine')" in capsys.readouterr().err
 
 
+def test_greedy_soup_from_recorded_scores(tmp_path, tiny_vocab_bert_dir, tiny_data_dir, capsys):
+    """--recorded-scores ranks the ingredients by the dev metrics their runs recorded (here written from the
+    `evaluate` command, the trainer's evaluation) and gives the soup that evaluating each ingredient gives."""
+    rs = [_make_run(tmp_path / f"m{i}", tiny_vocab_bert_dir, seed=10 + i, overrides=("dev_limit=1000",)) for i in range(3)]
+    for r in rs:
+        capsys.readouterr()
+        assert main(["evaluate", str(r), "--data-dir", str(tiny_data_dir)]) == 0
+        m = json.loads(capsys.readouterr().out)
+        (r / "metrics.jsonl").write_text(json.dumps({"step": 0, "epoch": 0, **{k: m[k] for k in (*TASKS, "overall")},
+                                                     "best": True}) + "\n")
+    common = [*map(str, rs), "--greedy", "--data-dir", str(tiny_data_dir), "--limit", "1000", "--batch-size", "32"]
+    assert main(["soup", *common, "--out", str(tmp_path / "ev")]) == 0
+    assert main(["soup", *common, "--recorded-scores", "--out", str(tmp_path / "rec")]) == 0
+    ev, rec = (json.loads((tmp_path / d / "soup.json").read_text()) for d in ("ev", "rec"))
+    np.testing.assert_allclose([m["overall"] for m in rec["ingredient_dev"]], [m["overall"] for m in ev["ingredient_dev"]],
+                               atol=1e-5)
+    assert rec["kept"] == ev["kept"] and rec["dev"]["overall"] == pytest.approx(ev["dev"]["overall"], abs=1e-6)
+    capsys.readouterr()
+    # recorded on another dev set than the soup scores on: refused, naming the run
+    assert main(["soup", *common[:3], "--greedy", "--recorded-scores", "--data-dir", str(tiny_data_dir),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "recorded on dev_limit=1000, the soup scores on limit=None" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
