@@ -364,9 +364,10 @@ def write_report(results: Path, study: dict, runs: dict[str, dict], ensembles: d
         "so paraphrase numbers are not comparable to the report's Quora dev set); seed {seed}; protocol `{protocol}` "
         "(see `train/experiments.py`).".format(**study),
         f"- training: {protocol_summary(study['protocol'])}.",
-        f"- hardware: {study['hardware']}; wall time of this study's invocations {study['wall_s'] / 60:.1f} min; "
-        f"training programs {study.get('train_wall_s', 0) / 60:.1f} min (the sum over populations and single runs, "
-        "from their done.json).",
+        f"- hardware: {study['hardware']}; {study.get('workers', 1)} training worker(s) (`--workers`, one core each "
+        f"when > 1); wall time of this study's invocations {study['wall_s'] / 60:.1f} min; training programs "
+        f"{study.get('train_wall_s', 0) / 60:.1f} min (the sum over populations and single runs, from their done.json; "
+        "parallel jobs add up).",
         "- cells: **ours / report (ours − report)**; dev sets"
         + (f" limited to the first {study['dev_limit']} examples per task" if study.get("dev_limit") else "") + ".",
         "",

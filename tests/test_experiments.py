@@ -160,3 +160,4 @@ def test_driver_parallel_workers_match_one_process(tmp_path, tiny_data_dir, tiny
         for k in ("sst", "para", "sts"):
             assert abs(a[k] - b[k]) < 1e-4, (name, k, a[k], b[k])
     assert json.loads((tmp_path / "par" / "study.json").read_text())["workers"] == 2
+    assert "2 training worker(s)" in (tmp_path / "par" / "REPORT.md").read_text()
