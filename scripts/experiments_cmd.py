@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import yaml
 
+from scripts.host import CORES_ENV
 from train.experiments import EXPERIMENTS, HANDOUT_DEV, REPORT_DEV, experiment_config_dict, population_groups, protocol_summary, split_groups
 
 TASK_COLS = ("sst", "para", "sts", "overall")
@@ -167,8 +168,6 @@ def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, 
     return record
 
 
-from scripts.host import CORES_ENV
-
 TORCH_JOB = "torch-sum"  # the `--only` name of the PyTorch baseline's run
 
 
@@ -192,7 +191,9 @@ class Job:
 def job_cost(config: dict[str, Any]) -> float:
     """Relative work of one run: its tasks' sequences per step (pairs count twice), a frozen encoder ~1/4 of
     fine-tuning, PCGrad a little more than the sum."""
-    seqs = sum(2 if t in ("para", "sts") else 1 for t in config["tasks"])
+    from train.tasks import TASKS
+
+    seqs = sum(2 if TASKS.lookup(t).pair else 1 for t in config["tasks"])
     return seqs * (1.0 if config["finetune"] else 0.25) * (1.15 if config["combine"] == "pcgrad" else 1.0)
 
 
