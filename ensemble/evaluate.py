@@ -159,6 +159,33 @@ def model_scores(
                        labels={t: td.labels for t, td in raw.items()}, scores=scores)
 
 
+def recorded_scores(runs: Sequence[str | Path], raw: Mapping[str, D.TaskData], limit: int | None) -> SplitScores:
+    """The dev scores of `runs` as their trainers recorded them at their best evaluation
+    (`train.checkpoint.read_dev_scores`: the params `load_models` loads), for the tasks of `raw`, with no
+    evaluation. Each run must have been scored on the same dev rows as `raw` (`dev_limit` == `limit`, the same
+    ids in the same order); else `RunError` names the run and the task."""
+    from train.checkpoint import RunError, read_dev_scores
+
+    scores: dict[str, np.ndarray] = {}
+    for i, run in enumerate(runs):
+        rec = read_dev_scores(run)
+        if rec.dev_limit != limit:
+            raise RunError(f"{run}: dev scores recorded on dev_limit={rec.dev_limit}, these are scored on limit={limit}")
+        for t, td in raw.items():
+            if t not in rec.scores:
+                raise RunError(f"{run}: no recorded dev scores for task {t!r} (it has {', '.join(rec.scores)})")
+            if rec.ids[t] != tuple(td.ids):
+                raise RunError(f"{run}: its recorded {t} dev scores are of other rows than {td.path} gives now "
+                               f"({len(rec.ids[t])} vs {len(td.ids)} ids); evaluate the run instead")
+            s = rec.scores[t]
+            if t not in scores:
+                scores[t] = np.zeros((len(runs), *s.shape), np.float32)
+            scores[t][i] = s
+    split = next(iter(raw.values())).split if raw else ""
+    return SplitScores(split=split, ids={t: td.ids for t, td in raw.items()},
+                       labels={t: td.labels for t, td in raw.items()}, scores=scores)
+
+
 def metrics_of(scores: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray | None]) -> dict[str, float]:
     """Task metrics (+ overall when sst, para and sts are all present) of one member's / node's scores."""
     return summarize({t: task_metric(t, s, labels[t]) for t, s in scores.items() if labels.get(t) is not None})

@@ -1,6 +1,7 @@
 """`bert-jax ensemble` (evaluate a spec of prediction ensembles) and `bert-jax soup` (weight-space averages).
 
   bert-jax ensemble SPEC --data-dir D --split dev|test [--results-dir R] [--out DIR] [--scores F.npz] [--node NAME]
+                        [--recorded-scores]
   bert-jax soup RUN RUN... --out RUN [--greedy --data-dir D]
 """
 
@@ -19,7 +20,8 @@ def _log(msg: str) -> None:
 def _ensemble(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ensemble.evaluate import format_table, group_models, load_models, load_split, model_scores, node_scores, table_rows
+    from ensemble.evaluate import (format_table, group_models, load_models, load_split, model_scores, node_scores,
+                                   recorded_scores, table_rows)
     from ensemble.spec import SpecError, compile_weights, load_spec
     from train.predict import write_leaderboard_file
 
@@ -29,14 +31,20 @@ def _ensemble(args: argparse.Namespace) -> int:
         raise SpecError(f"--node {node!r} is not a member or node of {args.spec} (nodes: {', '.join(spec.nodes) or 'none'})")
     if args.split == "test" and not args.out and not args.scores:
         raise ValueError("the test split has no labels: give --out DIR (leaderboard files) and/or --scores FILE.npz")
+    if args.recorded_scores and args.split != "dev":
+        raise ValueError("--recorded-scores: runs record their dev scores only; score the test split without it")
     weights = compile_weights(spec)
-    models = load_models(spec.models)
-    groups = group_models(models)
-    del models
-    _log(f"{len(spec.members)} members ({len(spec.models)} distinct runs in {len(groups)} vmapped group(s)), "
-         f"{len(spec.nodes)} nodes; scoring {args.split}")
     raw = load_split(args.data_dir, args.split, limit=args.limit, log=_log)
-    data = model_scores(groups, len(spec.models), raw, batch_size=args.batch_size)
+    if args.recorded_scores:
+        _log(f"{len(spec.members)} members ({len(spec.models)} distinct runs, recorded dev scores), "
+             f"{len(spec.nodes)} nodes")
+        data = recorded_scores(spec.models, raw, args.limit)
+    else:
+        groups = group_models(load_models(spec.models))
+        _log(f"{len(spec.members)} members ({len(spec.models)} distinct runs in {len(groups)} vmapped group(s)), "
+             f"{len(spec.nodes)} nodes; scoring {args.split}")
+        data = model_scores(groups, len(spec.models), raw, batch_size=args.batch_size)
+        del groups
     scores = node_scores(spec, weights, data)
     if args.split != "test":
         rows = table_rows(spec, scores, data)
@@ -150,6 +158,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     p.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    p.add_argument("--recorded-scores", action="store_true",
+                   help="dev: use the per-example dev scores each run recorded at its best evaluation "
+                        "(RUN/dev_scores.npz) instead of evaluating the runs again")
     p.set_defaults(func=_ensemble)
 
     p = subparsers.add_parser("soup", help="average the params of same-architecture runs into a new run (uniform / greedy soup)")

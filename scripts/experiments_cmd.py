@@ -131,7 +131,9 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
     limit = ["--limit", str(dev_limit)] if dev_limit else []
     common = ["--data-dir", str(data_dir), *limit]
     table = results / "ensembles-table.json"
-    if cli(["ensemble", str(spec), "--results-dir", str(results / "runs"), "--split", "dev", "--json", str(table), *common]):
+    # the members' dev scores as their runs recorded them (the same dev sets), not evaluated again
+    if cli(["ensemble", str(spec), "--results-dir", str(results / "runs"), "--split", "dev", "--json", str(table),
+            "--recorded-scores", *common]):
         raise RuntimeError("ensemble evaluation failed")
     out = {r["name"].replace("ens", "ensemble"): r for r in json.loads(table.read_text())["rows"] if r["kind"] != "member"}
     members = [str(results / "runs" / n) for n in SOUP_MEMBERS if (results / "runs" / n / "done.json").is_file()]

@@ -360,3 +360,44 @@ def test_ensemble_cli(runs, tmp_path, tiny_data_dir, loaded, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "members": {**spec["members"], "r1": str(tmp_path / "missing")}}))
     assert main(["ensemble", str(tmp_path / "bad.yaml"), "--data-dir", str(tiny_data_dir)]) == 2
     assert "member 'r1': run directory" in capsys.readouterr().err
+
+
+def test_ensemble_from_recorded_dev_scores(tmp_path, tiny_vocab_bert_dir, tiny_data_dir, capsys):
+    """`ensemble --recorded-scores` takes each member's dev scores from its run (recorded at its best evaluation,
+    by the single-run trainer and by a population) and gives the table that evaluating the runs gives."""
+    data = ["--data-dir", str(tiny_data_dir)]
+    base = ["train", "--config", "tiny", "--checkpoint", str(tiny_vocab_bert_dir), "--quiet", *data]
+    assert main([*base, "--out", str(tmp_path / "pop"), "--population", "lr=1e-3,2e-4", "--population", "seed=3"]) == 0
+    assert main([*base, "--out", str(tmp_path / "one"), "heads.sts_head=cosine", "seed=5"]) == 0
+    members = {"a": tmp_path / "pop" / "lr0.001-seed3", "b": tmp_path / "pop" / "lr0.0002-seed3", "c": tmp_path / "one"}
+    spec = {"members": {k: str(v) for k, v in members.items()},
+            "nodes": {"avg": {"type": "average", "children": ["a", "b", "c"]},
+                      "tb": {"type": "task", "sst": "c", "para": "a", "sts": "avg"}}}
+    sp = tmp_path / "spec.yaml"
+    sp.write_text(yaml.safe_dump(spec, sort_keys=False))
+    common = [*data, "--limit", "32"]  # the tiny config's dev_limit
+    tables, scores = {}, {}
+    for how, flags in (("evaluated", []), ("recorded", ["--recorded-scores"])):
+        assert main(["ensemble", str(sp), *common, "--batch-size", "8", "--json", str(tmp_path / f"{how}.json"),
+                     "--scores", str(tmp_path / f"{how}.npz"), *flags]) == 0
+        tables[how] = {r["name"]: r for r in json.loads((tmp_path / f"{how}.json").read_text())["rows"]}
+        scores[how] = dict(np.load(tmp_path / f"{how}.npz"))
+    assert list(tables["recorded"]) == ["a", "b", "c", "avg", "tb"]
+    for name in tables["recorded"]:
+        for t in TASKS:
+            np.testing.assert_allclose(scores["recorded"][f"scores/{name}/{t}"], scores["evaluated"][f"scores/{name}/{t}"],
+                                       atol=1e-5, rtol=0)
+    for name in ("a", "b"):  # (c's cosine STS scores of a random tiny encoder all sit within 1e-5 of 5: its r is ill-conditioned)
+        for k in (*TASKS, "overall"):
+            assert tables["recorded"][name][k] == pytest.approx(tables["evaluated"][name][k], abs=1e-5), (name, k)
+    capsys.readouterr()
+    # another dev set, the test split, and scores of another step than the kept best params: refused, naming the run
+    assert main(["ensemble", str(sp), *data, "--limit", "5", "--recorded-scores"]) == 2
+    assert f"{members['a']}: dev scores recorded on dev_limit=32, these are scored on limit=5" in capsys.readouterr().err
+    assert main(["ensemble", str(sp), *common, "--split", "test", "--scores", str(tmp_path / "t.npz"), "--recorded-scores"]) == 2
+    assert "runs record their dev scores only" in capsys.readouterr().err
+    z = dict(np.load(members["c"] / "dev_scores.npz"))
+    z["step"] = np.int64(int(z["step"]) - 1)
+    np.savez(members["c"] / "dev_scores.npz", **z)
+    assert main(["ensemble", str(sp), *common, "--recorded-scores"]) == 2
+    assert f"{members['c'] / 'dev_scores.npz'}: recorded at step" in capsys.readouterr().err

@@ -8,6 +8,7 @@ RUN/
                       when the checkpoint has them: evaluate / predict tokenize exactly as training did
   checkpoints/<step>/ latest training states (params, optimizer state, step, data position); atomic saves
   best/<step>/        params of the best dev `overall` so far
+  dev_scores.npz      that best evaluation's per-example dev scores (`save_best`, read by `read_dev_scores`)
   metrics.jsonl       one JSON object per evaluation
 
 Orbax writes every checkpoint to a temporary directory (`<step>.orbax-checkpoint-tmp`) and renames it
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import io
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
@@ -290,10 +293,13 @@ class Checkpointer:
                 else "; no checkpoint was kept: free disk space (or fix the cause), then start again with --resume")
         _guarded("the training state", self.run / "checkpoints" / str(step), save, hint)
 
-    def save_best(self, step: int, params: Params, metrics: dict[str, float]) -> None:
-        """Replace the kept best params (the caller decides that `metrics["overall"]` is a new best).
+    def save_best(self, step: int, params: Params, metrics: dict[str, float],
+                  scores: DevScores | None = None) -> None:
+        """Replace the kept best params (the caller decides that `metrics["overall"]` is a new best), then
+        write `scores` (that evaluation's per-example dev scores) as RUN/dev_scores.npz.
 
         A best already saved at `step` (a resumed run redoing the evaluation it was killed after) is replaced.
+        A kill between the two writes leaves a dev_scores.npz of an older step, which `read_dev_scores` refuses.
         """
         if step in self.best.all_steps():
             self.best.delete(step)
@@ -306,6 +312,9 @@ class Checkpointer:
         _guarded("the best params", self.run / "best" / str(step), save,
                  f"; the training state of step {step} is saved: free disk space (or fix the cause), then continue "
                  f"with --resume")
+        if scores is not None:
+            _guarded("the best evaluation's dev scores", self.run / DEV_SCORES,
+                     lambda: _write_atomic(self.run / DEV_SCORES, scores.to_npz(step)))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -331,6 +340,56 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+DEV_SCORES = "dev_scores.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class DevScores:
+    """One evaluation's per-example dev scores: `scores[task]` `[N]` / `[N, classes]` float32 in the order of
+    `ids[task]` (the dev file's first `dev_limit` rows, or all of them when `dev_limit` is None)."""
+
+    ids: dict[str, tuple[str, ...]]
+    scores: dict[str, np.ndarray]
+    dev_limit: int | None
+
+    def to_npz(self, step: int) -> bytes:
+        buf = io.BytesIO()
+        arrays = {"step": np.int64(step), "dev_limit": np.int64(-1 if self.dev_limit is None else self.dev_limit),
+                  "tasks": np.asarray(list(self.scores))}
+        for t, s in self.scores.items():
+            arrays[f"ids/{t}"] = np.asarray(self.ids[t])
+            arrays[f"scores/{t}"] = np.asarray(s, np.float32)
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+
+def read_dev_scores(run: str | Path) -> DevScores:
+    """The dev scores a run recorded at its best evaluation: those of the params `load_params` loads, with no
+    evaluation. Raises `RunError` naming the run when it has none (trained without dev evaluation, or before
+    they were recorded) or when they belong to another step than its kept best params."""
+    run = Path(run)
+    path = run / DEV_SCORES
+    best = _manager(run / "best", 1, read_only=True) if (run / "best").is_dir() else None
+    try:
+        best_step = best.latest_step() if best is not None else None
+    finally:
+        if best is not None:
+            best.close()
+    if best_step is None or not path.is_file():
+        raise RunError(f"{run}: no recorded best-dev scores ({DEV_SCORES} and best/<step>); evaluate the run instead")
+    try:
+        with np.load(path) as z:
+            step, limit, tasks = int(z["step"]), int(z["dev_limit"]), [str(t) for t in z["tasks"]]
+            out = DevScores({t: tuple(str(i) for i in z[f"ids/{t}"]) for t in tasks},
+                            {t: z[f"scores/{t}"] for t in tasks}, None if limit < 0 else limit)
+    except (OSError, KeyError, ValueError) as e:
+        raise RunError(f"{path}: unreadable recorded dev scores ({_one_line(e)}); evaluate the run instead") from None
+    if step != best_step:
+        raise RunError(f"{path}: recorded at step {step}, but the kept best params are of step {best_step} (a save "
+                       f"was interrupted); evaluate the run instead")
+    return out
 
 
 def load_params(run: str | Path) -> tuple[TrainConfig, ModelSpec, Params]:

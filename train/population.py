@@ -38,7 +38,7 @@ from bert_jax import BertConfig
 from bert_jax.tokenizer import tokenizer_files
 from train import combine as combine_methods
 from train import data as D
-from train.checkpoint import Checkpointer, RunError, has_steps, write_run_files
+from train.checkpoint import Checkpointer, DevScores, RunError, has_steps, write_run_files
 from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
@@ -47,7 +47,7 @@ from train.step import (TrainState, combine_and_update, fused_step, init_model, 
                         optimizer, task_keys, task_value_and_grad)
 from train.tensorboard import TensorBoard, close_hooks, event_hooks
 from train.trainer import (NonFiniteLoss, _all_finite, _check_resume_config, _rewind_metrics, check_position,
-                           compile_record, dev_metrics, eval_pending, load_run_data, recorded_best)
+                           compile_record, dev_metrics, dev_scores, eval_pending, load_run_data, recorded_best)
 
 MEMBER_FIELDS = ("optim.lr", "model.hidden_dropout", "seed", "combine")
 _AXES = ", ".join(k.rpartition(".")[2] for k in MEMBER_FIELDS)  # `--population` names (flat aliases; dotted work too)
@@ -266,11 +266,12 @@ class _Member:
     best: float = -math.inf
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def record(self, step: int, epoch: int, params, metrics: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+    def record(self, step: int, epoch: int, params, metrics: dict[str, float], extra: dict[str, Any],
+               scores: DevScores) -> dict[str, Any]:
         is_best = metrics.get("overall", -math.inf) > self.best
         if is_best:
             self.best = metrics["overall"]
-            self.ckpt.save_best(step, params, metrics)
+            self.ckpt.save_best(step, params, metrics, scores)
         self.metrics = metrics
         rec = {"step": step, "epoch": epoch, **metrics, "best": is_best, **extra}
         with open(self.run / "metrics.jsonl", "a") as f:
@@ -398,9 +399,10 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
             return
         extra = {"wall_s": round(time.perf_counter() - t_start, 1), **compile_record(compiles)}
         for k, m in enumerate(members):
-            params, metrics = dev_metrics(eval_fn, member_state(info.state, k), data.dev, m.cfg.data.eval_batch_size,
-                                          m.cfg.data.scoring_buckets)
-            log({"event": "eval", "member": m.run.name, **m.record(info.step, info.epoch, params, metrics, extra)})
+            params, metrics, scores = dev_metrics(eval_fn, member_state(info.state, k), data.dev,
+                                                  m.cfg.data.eval_batch_size, m.cfg.data.scoring_buckets)
+            rec = m.record(info.step, info.epoch, params, metrics, extra, dev_scores(m.cfg, data.dev, scores))
+            log({"event": "eval", "member": m.run.name, **rec})
 
     loop = Loop(data.sched, total, should_stop)
     loop.add_hook(step_metrics.add, every=1)

@@ -50,7 +50,7 @@ from bert_jax import Params
 from bert_jax.tokenizer import tokenizer_files
 from train import data as D
 from train.compilation import CompileEvents, StoredProgram, frozen_heap
-from train.checkpoint import Checkpointer, RunError, has_steps, read_run_config, write_run_files
+from train.checkpoint import Checkpointer, DevScores, RunError, has_steps, read_run_config, write_run_files
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite, watched
@@ -207,15 +207,21 @@ def prepare_programs(step_fn, eval_fn, state: TrainState, data: "RunData", start
 
 
 def dev_metrics(eval_fn, state: TrainState, encs: dict[str, D.Encoded], batch_size: int,
-                buckets) -> tuple[Params, dict[str, float]]:
-    """The run's model and its dev metrics. With a moving average of the weights in the optimizer state
-    (`optim.ema_decay`) the model is that average, and the raw weights' metrics are added as `raw_<key>`
-    (the same run's A/B); else the model is the weights."""
+                buckets) -> tuple[Params, dict[str, float], dict[str, np.ndarray]]:
+    """The run's model, its dev metrics and its per-example dev scores. With a moving average of the weights in
+    the optimizer state (`optim.ema_decay`) the model is that average, and the raw weights' metrics are added as
+    `raw_<key>` (the same run's A/B); else the model is the weights."""
     ema = ema_params(state.opt_state)
     if ema is None:
-        return state.params, evaluate(eval_fn, state.params, encs, batch_size, buckets)[0]
+        return state.params, *evaluate(eval_fn, state.params, encs, batch_size, buckets)
     raw = evaluate(eval_fn, state.params, encs, batch_size, buckets)[0]
-    return ema, {**evaluate(eval_fn, ema, encs, batch_size, buckets)[0], **{f"raw_{k}": v for k, v in raw.items()}}
+    metrics, scores = evaluate(eval_fn, ema, encs, batch_size, buckets)
+    return ema, {**metrics, **{f"raw_{k}": v for k, v in raw.items()}}, scores
+
+
+def dev_scores(cfg: TrainConfig, encs: dict[str, D.Encoded], scores: dict[str, np.ndarray]) -> DevScores:
+    """What `Checkpointer.save_best` records of a best evaluation (`ensemble --recorded-scores` reads it)."""
+    return DevScores({t: encs[t].ids for t in scores}, scores, cfg.data.dev_limit)
 
 
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -401,13 +407,13 @@ class _EpochEnd:
     def evaluate(self, info: StepInfo) -> None:
         if not info.boundary or not eval_due(info.step, self.per_epoch, self.data.total, self.cfg.eval_every):
             return
-        params, self.metrics = dev_metrics(self.eval_fn, info.state, self.data.dev, self.cfg.data.eval_batch_size,
-                                           self.cfg.data.scoring_buckets)
+        params, self.metrics, scores = dev_metrics(self.eval_fn, info.state, self.data.dev,
+                                                   self.cfg.data.eval_batch_size, self.cfg.data.scoring_buckets)
         is_best = self.metrics.get("overall", -math.inf) > self.best
         if is_best:
             self.best = self.metrics["overall"]
             self.check_finite(info.state, "training state", info.step)
-            self.ckpt.save_best(info.step, params, self.metrics)
+            self.ckpt.save_best(info.step, params, self.metrics, dev_scores(self.cfg, self.data.dev, scores))
         record = {"step": info.step, "epoch": info.epoch, **self.metrics, "best": is_best,
                   "wall_s": round(time.perf_counter() - self.t_start, 1), **compile_record(self.compiles)}
         if is_main_process():  # multi-host: one writer
