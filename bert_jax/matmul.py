@@ -83,12 +83,39 @@ def _fwd(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype):
     return out, (a16, b16, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
 
 
+def row_major_transpose(x: jax.Array) -> jax.Array:
+    """`x.T` of a 2-D array, materialized in row-major order.
+
+    XLA gives a transpose the column-major layout of a free view, and folds a transpose into the dot that reads
+    it. Its CPU backend runs a 16-bit dot whose lhs is column-major, or contracts the lhs's leading dimension (a
+    weight gradient `x.T @ g`), as a float32 Eigen product on upcast inputs; YNNPACK's 16-bit kernel takes only a
+    row-major lhs contracted on its last dimension. Flattening the transpose behind an optimization barrier
+    makes XLA write the row-major copy, and the dot reading it is YNNPACK's: on the AMX Xeon (family 6 model
+    207, one core) [384, 960] @ [960, 1536] bf16 -> f32 takes 1.9 ms with the copy vs 8.4 ms (589 vs 134 GFLOP/s).
+    """
+    return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
+def _grad_product(terms_a: str, a: jax.Array, terms_b: str, b: jax.Array, terms_out: str) -> jax.Array:
+    """`einsum(f"{terms_a},{terms_b}->{terms_out}", a, b)` with float32 accumulation. A 2-D product is one dot whose
+    lhs is the operand holding the output's rows, contracted on its last dimension: transposed into row-major
+    order first when it is contracted on its leading one (`row_major_transpose`: a weight gradient `x.T @ g`)."""
+    if len(terms_a) == len(terms_b) == len(terms_out) == 2:
+        rows = terms_out[0]
+        (tl, lhs), (tr, rhs) = ((terms_a, a), (terms_b, b)) if rows in terms_a else ((terms_b, b), (terms_a, a))
+        k = tl.replace(rows, "")
+        if tl[0] == k:
+            lhs = row_major_transpose(lhs)
+        return jax.lax.dot_general(lhs, rhs, (((1,), (tr.index(k),)), ((), ())), preferred_element_type=jnp.float32)
+    return jnp.einsum(f"{terms_a},{terms_b}->{terms_out}", a, b, preferred_element_type=jnp.float32)
+
+
 def _bwd(spec: str, dtype: jnp.dtype, res, g: jax.Array):
     a16, b16, a_like, b_like = res
     ta, tb, to = _terms(spec)
     g16 = g.astype(dtype)
-    da = jnp.einsum(f"{to},{tb}->{ta}", g16, b16, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{to},{ta}->{tb}", g16, a16, preferred_element_type=jnp.float32)
+    da = _grad_product(to, g16, tb, b16, ta)
+    db = _grad_product(to, g16, ta, a16, tb)
     return da.astype(a_like.dtype), db.astype(b_like.dtype)
 
 
