@@ -13,8 +13,9 @@ RESULTS_DIR/
 speed up these small steps (batch 8, <= 32 tokens), while two single-core processes side by side give
 about 1.4x the throughput (measured: 0.60 s per step each vs 0.43 s for one process on both cores,
 family 6 model 207). Populations are then cut into N parts (`train.experiments.split_groups`), so that
-the workers finish together; jobs start longest first. Ensembles, soups and the report follow in the
-calling process once every job is done.
+the workers finish together; jobs start longest first. The soups are a job too, started once their
+ingredient runs are done (while the last runs still train); the ensembles (on the runs' recorded dev scores)
+and the report follow in the calling process once every job is done.
 """
 
 from __future__ import annotations
@@ -114,13 +115,11 @@ def run_group(results: Path, protocol: str, exps: list, data_dir, seed: int, che
 
 
 def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Callable[[str], None]) -> dict[str, dict]:
-    """Ensembles 1-7 (`ensembles/report.yaml`) and a uniform and a greedy soup, scored on dev.
+    """Ensembles 1-7 (`ensembles/report.yaml`) and a uniform and a greedy soup (`run_soups`), scored on dev.
 
-    Uses the `ensemble` / `soup` commands in-process; soups are written as runs (runs/soup-uniform, runs/soup-greedy).
+    Uses the `ensemble` command in-process, on the dev scores the member runs recorded (not evaluated again).
     """
     from scripts.cli import main as cli
-
-    from train.experiments import SOUP_MEMBERS
 
     spec = Path(__file__).resolve().parents[1] / "ensembles" / "report.yaml"
     missing = [n for n in yaml.safe_load(spec.read_text())["members"].values()
@@ -129,14 +128,26 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
         log(f"[ensembles] skipped: member run(s) not done: {', '.join(missing)}")
         return {}
     limit = ["--limit", str(dev_limit)] if dev_limit else []
-    common = ["--data-dir", str(data_dir), *limit]
     table = results / "ensembles-table.json"
     # the members' dev scores as their runs recorded them (the same dev sets), not evaluated again
     if cli(["ensemble", str(spec), "--results-dir", str(results / "runs"), "--split", "dev", "--json", str(table),
-            "--recorded-scores", *common]):
+            "--recorded-scores", "--data-dir", str(data_dir), *limit]):
         raise RuntimeError("ensemble evaluation failed")
     out = {r["name"].replace("ens", "ensemble"): r for r in json.loads(table.read_text())["rows"] if r["kind"] != "member"}
+    out |= run_soups(results, data_dir, dev_limit, log)
+    return {k: {m: v for m, v in r.items() if m in TASK_COLS} for k, r in out.items()}
+
+
+def run_soups(results: Path, data_dir: Path, dev_limit: int | None, log: Callable[[str], None]) -> dict[str, dict]:
+    """A uniform and a greedy soup over the done runs of `SOUP_MEMBERS`, unless already written: each a run
+    directory (runs/soup-uniform, runs/soup-greedy, via the `soup` command in-process) with its dev metrics."""
+    from scripts.cli import main as cli
+
+    from train.experiments import SOUP_MEMBERS
+
+    common = ["--data-dir", str(data_dir), *(["--limit", str(dev_limit)] if dev_limit else [])]
     members = [str(results / "runs" / n) for n in SOUP_MEMBERS if (results / "runs" / n / "done.json").is_file()]
+    out = {}
     # greedy: ingredients ranked by the dev scores their runs recorded (the same dev sets), not evaluated again
     for kind, flags in (("uniform", []), ("greedy", ["--greedy", "--recorded-scores"])):
         run = results / "runs" / f"soup-{kind}"
@@ -146,7 +157,7 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
             if cli(["soup", *members, "--out", str(run), *flags, *common]):
                 raise RuntimeError(f"{kind} soup failed")
         out[f"soup-{kind}"] = json.loads((run / "soup.json").read_text())["dev"]
-    return {k: {m: v for m, v in r.items() if m in TASK_COLS} for k, r in out.items()}
+    return out
 
 
 def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, checkpoint: str | None,
@@ -171,6 +182,7 @@ def run_torch_baseline(results: Path, protocol: str, data_dir: Path, seed: int, 
 
 
 TORCH_JOB = "torch-sum"  # the `--only` name of the PyTorch baseline's run
+SOUPS_JOB = "soups"  # the `--only` name of the soups (`run_soups`), a job once their ingredient runs are done
 
 
 def default_workers() -> int:
@@ -182,8 +194,9 @@ def default_workers() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    names: tuple[str, ...]  # experiments (one population, or one run), or (TORCH_JOB,)
+    names: tuple[str, ...]  # experiments (one population, or one run), or (TORCH_JOB,) or (SOUPS_JOB,)
     cost: float  # relative work, for longest-first scheduling
+    after: tuple[str, ...] = ()  # runs that must be done (done.json) before it starts
 
     @property
     def label(self) -> str:
@@ -199,9 +212,12 @@ def job_cost(config: dict[str, Any]) -> float:
     return seqs * (1.0 if config["finetune"] else 0.25) * (1.15 if config["combine"] == "pcgrad" else 1.0)
 
 
-def parallel_jobs(results: Path, configs: dict[str, dict[str, Any]], workers: int, torch: bool) -> list[Job]:
-    """The jobs of a study not yet done: populations split per worker, single runs, the torch baseline; longest
-    first."""
+def parallel_jobs(results: Path, configs: dict[str, dict[str, Any]], workers: int, torch: bool,
+                  soups: bool = False) -> list[Job]:
+    """The jobs of a study not yet done: populations split per worker, single runs, the torch baseline, and with
+    `soups` (the whole study) the soups, which start once all their ingredient runs are done; longest first."""
+    from train.experiments import SOUP_MEMBERS
+
     jobs = []
     for g in split_groups(population_groups(configs), workers):
         todo = tuple(n for n in g if not (results / "runs" / n / "done.json").is_file())
@@ -209,7 +225,16 @@ def parallel_jobs(results: Path, configs: dict[str, dict[str, Any]], workers: in
             jobs.append(Job(todo, sum(job_cost(configs[n]) for n in todo)))
     if torch and "sum" in configs and not (results / "torch-sum.json").is_file():
         jobs.append(Job((TORCH_JOB,), 1.8 * job_cost(configs["sum"])))  # measured: torch's step ~1.8x JAX's bf16
+    if soups and all(n in configs for n in SOUP_MEMBERS) and not all(
+            (results / "runs" / f"soup-{k}" / "soup.json").is_file() for k in ("uniform", "greedy")):
+        # measured (model 207): both soups ~5 min on one core, about one 600-step summed-loss run
+        jobs.append(Job((SOUPS_JOB,), job_cost(configs["sum"]), after=SOUP_MEMBERS))
     return sorted(jobs, key=lambda j: -j.cost)
+
+
+def next_job(queue: list[Job], done: Callable[[str], bool]) -> Job | None:
+    """The first job of `queue` (longest first) whose `after` runs are all done, or None."""
+    return next((j for j in queue if all(done(n) for n in j.after)), None)
 
 
 def run_parallel(jobs: list[Job], child_args: list[str], results: Path, workers: int,
@@ -223,10 +248,12 @@ def run_parallel(jobs: list[Job], child_args: list[str], results: Path, workers:
     cores = sorted(os.sched_getaffinity(0))
     free = [cores[i % len(cores)] for i in range(workers)]
     queue, running, failed = list(jobs), {}, []
+    done = lambda name: (results / "runs" / name / "done.json").is_file()
     try:
         while queue or running:
-            while queue and free:
-                job, core = queue.pop(0), free.pop(0)
+            while free and (job := next_job(queue, done)) is not None:
+                queue.remove(job)
+                core = free.pop(0)
                 path = logs / f"{job.label}.log"
                 cmd = [sys.executable, "-m", "scripts.cli", "experiments", *child_args, "--workers", "1", "--job",
                        "--only", ",".join(job.names)]
@@ -243,6 +270,10 @@ def run_parallel(jobs: list[Job], child_args: list[str], results: Path, workers:
                     f"{(time.perf_counter() - t0) / 60:.1f} min (core {core}, log {path})")
                 if not ok:
                     failed.append((job, path))
+            if queue and not running and next_job(queue, done) is None:  # a run they need failed
+                for job in queue:
+                    log(f"[job] {job.label} not started: needs {', '.join(n for n in job.after if not done(n))}")
+                break
     except KeyboardInterrupt:
         for proc in running:
             proc.terminate()
@@ -491,10 +522,10 @@ def _experiments(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     only = set(args.only.split(",")) if args.only else None
-    unknown = sorted((only or set()) - {e.name for e in EXPERIMENTS} - {TORCH_JOB})
+    unknown = sorted((only or set()) - {e.name for e in EXPERIMENTS} - {TORCH_JOB, SOUPS_JOB})
     if unknown:
         raise ValueError(f"--only: unknown experiment(s) {', '.join(unknown)} (known: {', '.join(e.name for e in EXPERIMENTS)}, "
-                         f"{TORCH_JOB})")
+                         f"{TORCH_JOB}, {SOUPS_JOB})")
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
     if args.report:  # train nothing: the runs already done
@@ -508,18 +539,21 @@ def _experiments(args: argparse.Namespace) -> int:
     if workers > 1 and not args.report:
         child = ["--protocol", args.protocol, "--data-dir", str(data_dir), "--out", str(results), "--seed", str(args.seed),
                  *(["--checkpoint", args.checkpoint] if args.checkpoint else [])]
-        jobs = parallel_jobs(results, configs, workers, torch=not args.no_torch and (not only or TORCH_JOB in only))
+        jobs = parallel_jobs(results, configs, workers, torch=not args.no_torch and (not only or TORCH_JOB in only),
+                             soups=not only)
         if jobs:
             log(f"[parallel] {len(jobs)} job(s) on {min(workers, len(jobs))} worker(s), one core each")
             run_parallel(jobs, child, results, min(workers, len(jobs)), log)
     for group in population_groups(configs):
         runs |= run_group(results, args.protocol, [by_name[n] for n in group], data_dir, args.seed, args.checkpoint, log)
     runs = {e.name: runs[e.name] for e in chosen}
+    _, base, lr_scale = protocol_base(args.protocol)
     if args.job:  # a parallel job: its runs only; the calling study writes the report
         if TORCH_JOB in (only or ()):
             run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log)
+        if SOUPS_JOB in (only or ()):
+            run_soups(results, data_dir, base.get("dev_limit"), log)
         return 0
-    _, base, lr_scale = protocol_base(args.protocol)
     ensembles = run_ensembles(results, data_dir, base.get("dev_limit"), log) if not only else {}
     torch_sum = (run_torch_baseline(results, args.protocol, data_dir, args.seed, args.checkpoint, log)
                  if not args.no_torch and (not only or TORCH_JOB in only) else None)

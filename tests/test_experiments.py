@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from train.experiments import EXPERIMENTS, REPORT_DEV, experiment_config_dict, population_groups
 
@@ -128,7 +129,8 @@ def test_split_groups_cut_populations_per_worker():
 
 
 def test_parallel_jobs_longest_first_and_skip_done(tmp_path):
-    from scripts.experiments_cmd import TORCH_JOB, parallel_jobs
+    from scripts.experiments_cmd import SOUPS_JOB, TORCH_JOB, next_job, parallel_jobs
+    from train.experiments import SOUP_MEMBERS
 
     configs = {e.name: experiment_config_dict("cpu", e) for e in EXPERIMENTS}
     jobs = parallel_jobs(tmp_path, configs, 2, torch=True)
@@ -137,6 +139,16 @@ def test_parallel_jobs_longest_first_and_skip_done(tmp_path):
                              ("lr2e-5", "lr3e-5", "lr4e-5", "lr5e-5", "lr6e-5")}
     assert (TORCH_JOB,) in [j.names for j in jobs] and jobs[-1].names == ("cfimdb-pretrain",)
     assert sorted(n for j in jobs for n in j.names) == sorted([*configs, TORCH_JOB])
+    assert all(not j.after for j in jobs)  # no soups job unless asked (a study with --only)
+    with_soups = parallel_jobs(tmp_path, configs, 2, torch=True, soups=True)
+    soups = next(j for j in with_soups if j.names == (SOUPS_JOB,))
+    assert set(soups.after) == set(SOUP_MEMBERS) and [j for j in with_soups if j is not soups] == jobs
+    # scheduling: the soups wait for all their ingredients; the next ready job (longest first) goes instead
+    done = set()
+    assert next_job([soups, jobs[-1]], done.__contains__) is jobs[-1]
+    assert next_job([soups], done.__contains__) is None
+    done |= set(SOUP_MEMBERS)
+    assert next_job([soups, jobs[-1]], done.__contains__) is soups
     (tmp_path / "runs" / "sum").mkdir(parents=True)
     (tmp_path / "runs" / "sum" / "done.json").write_text("{}")
     (tmp_path / "torch-sum.json").write_text("{}")
@@ -161,3 +173,11 @@ def test_driver_parallel_workers_match_one_process(tmp_path, tiny_data_dir, tiny
             assert abs(a[k] - b[k]) < 1e-4, (name, k, a[k], b[k])
     assert json.loads((tmp_path / "par" / "study.json").read_text())["workers"] == 2
     assert "2 training worker(s)" in (tmp_path / "par" / "REPORT.md").read_text()
+    # the soups job (what a whole study starts once the soup ingredients are done): soups over the done ones
+    job = subprocess.run([*base[:base.index("--only")], "--out", str(tmp_path / "par"), "--workers", "1", "--job",
+                          "--only", "soups"], capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "[soup] uniform over 2 runs" in job.stderr and "[soup] greedy over 2 runs" in job.stderr
+    for kind in ("uniform", "greedy"):
+        soup = json.loads((tmp_path / "par" / "runs" / f"soup-{kind}" / "soup.json").read_text())
+        assert [Path(r).name for r in soup["ingredients"]] == ["sum", "mean"] and 0 < soup["dev"]["overall"] < 1
