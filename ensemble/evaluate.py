@@ -154,9 +154,7 @@ def model_scores(
             if t not in scores:
                 scores[t] = np.zeros((n_models, *s.shape[1:]), np.float32)
             scores[t][list(g.indices)] = s
-    split = next(iter(raw.values())).split if raw else ""
-    return SplitScores(split=split, ids={t: td.ids for t, td in raw.items()},
-                       labels={t: td.labels for t, td in raw.items()}, scores=scores)
+    return _split_scores(raw, scores)
 
 
 def recorded_scores(runs: Sequence[str | Path], raw: Mapping[str, D.TaskData], limit: int | None) -> SplitScores:
@@ -181,6 +179,11 @@ def recorded_scores(runs: Sequence[str | Path], raw: Mapping[str, D.TaskData], l
             if t not in scores:
                 scores[t] = np.zeros((len(runs), *s.shape), np.float32)
             scores[t][i] = s
+    return _split_scores(raw, scores)
+
+
+def _split_scores(raw: Mapping[str, D.TaskData], scores: dict[str, np.ndarray]) -> SplitScores:
+    """`scores` ({task: [M, N, ...]}) with the ids and labels of the split `raw`."""
     split = next(iter(raw.values())).split if raw else ""
     return SplitScores(split=split, ids={t: td.ids for t, td in raw.items()},
                        labels={t: td.labels for t, td in raw.items()}, scores=scores)
