@@ -133,19 +133,23 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# /proc/cpuinfo flags of CPUs with bf16 dot-product instructions (VDPBF16PS, or AMX tiles)
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 def auto_dtype() -> str:
     """The compute dtype `dtype=auto` stands for on this process's default backend: "bfloat16" on a GPU or TPU,
-    and on a CPU with AMX bf16 matrix units (`amx_bf16`) whose XLA backend runs the 16-bit x 16-bit -> float32
-    product (`mixed_dot_supported`); "float32" on every other CPU.
+    and on a CPU with 16-bit dot-product instructions (`avx512_bf16`, or AMX's `amx_bf16`) whose XLA backend runs
+    the 16-bit x 16-bit -> float32 product (`mixed_dot_supported`); "float32" on every other CPU (AVX2 only).
 
-    Measured on the AMX Xeon (family 6 model 207, `cpu-recipe`, seed 0): the bf16 train step
-    takes 0.690× the fp32 step's time, `make train` on fresh clones 17.5 vs 23.4 min, dev overall 0.7464 vs 0.7470. CPUs without AMX (the AVX2 and
-    AVX-512-bf16 EPYCs) measured bf16 3–13% slower than fp32 before this module existed and were not
-    measured since, so they keep float32.
+    Measured (`bench --what dtype --config cpu-recipe --batch 16 --seq 64`, bf16 step time / fp32 step time): the
+    AMX Xeon (family 6 model 207) 0.690, and since the weight gradients run on the 16-bit kernel (commit dcd2269)
+    the AVX-512-bf16 EPYC (family 25 model 17, no AMX) 0.615. `make train` on the AMX Xeon: 17.5 vs 23.4 min, dev
+    overall 0.7464 vs 0.7470 (fp32).
     """
     backend = jax.default_backend()
     if backend in ("gpu", "cuda", "rocm", "tpu"):
         return "bfloat16"
-    if backend == "cpu" and "amx_bf16" in _cpu_flags() and mixed_dot_supported("bfloat16"):
+    if backend == "cpu" and _cpu_flags() & BF16_DOT_FLAGS and mixed_dot_supported("bfloat16"):
         return "bfloat16"
     return "float32"

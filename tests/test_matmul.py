@@ -76,14 +76,18 @@ def test_dense_bfloat16_keeps_float32_kernel_gradients():
     np.testing.assert_allclose(np.asarray(grads["bias"]), np.full(16, 24.0), rtol=0, atol=0)
 
 
-def test_auto_dtype_is_bf16_only_where_the_cpu_has_amx(monkeypatch):
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_dot_instructions(monkeypatch):
     assert jax.default_backend() == "cpu"
-    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # the EPYCs: no AMX
-    assert matmul.auto_dtype() == "float32"
-    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     monkeypatch.setattr(matmul, "mixed_dot_supported", lambda dtype: True)
+    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx", "avx2", "fma"})  # the AVX2 EPYC (family 25 model 1)
+    assert matmul.auto_dtype() == "float32"
+    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx2", "avx512f"})  # AVX-512 without bf16 dot products
+    assert matmul.auto_dtype() == "float32"
+    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # Zen 4 EPYC (model 17)
     assert matmul.auto_dtype() == "bfloat16"
-    monkeypatch.setattr(matmul, "mixed_dot_supported", lambda dtype: False)  # AMX, but XLA cannot run the product
+    monkeypatch.setattr(matmul, "_cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert matmul.auto_dtype() == "bfloat16"
+    monkeypatch.setattr(matmul, "mixed_dot_supported", lambda dtype: False)  # bf16 dots, but XLA cannot run them
     assert matmul.auto_dtype() == "float32"
 
 
