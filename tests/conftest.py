@@ -17,6 +17,13 @@ from train.compilation import ENV_VAR, default_cache_dir  # noqa: E402
 
 os.environ.setdefault(ENV_VAR, str(default_cache_dir().parent / "tests"))
 
+# The suite's time is mostly XLA compiles of tiny programs, most of it LLVM optimising them: the tests (and the
+# subprocesses they start, which inherit the environment) compile the same HLO with LLVM's cheap passes only. XLA's
+# own HLO passes, and so every fusion and library call (YNNPACK's kernels included), are unchanged. A caller's own
+# XLA_FLAGS win (`BERT_JAX_TEST_XLA_FLAGS=` keeps XLA's defaults).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", os.environ.get("BERT_JAX_TEST_XLA_FLAGS", FAST_XLA))
+
 TINY = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
     max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,

@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_XLA  # LLVM optimisation only: the same HLO on every device count
 from train import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("sharding_worker.py")
-# Compile-time savers for the subprocesses (LLVM optimisation only: the same HLO on every device count).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TOL = 1e-5
 
 
