@@ -388,8 +388,8 @@ def test_ensemble_from_recorded_dev_scores(tmp_path, tiny_vocab_bert_dir, tiny_d
             np.testing.assert_allclose(scores["recorded"][f"scores/{name}/{t}"], scores["evaluated"][f"scores/{name}/{t}"],
                                        atol=1e-5, rtol=0)
     for name in ("a", "b"):  # (c's cosine STS scores of a random tiny encoder all sit within 1e-5 of 5: its r is ill-conditioned)
-        for k in (*TASKS, "overall"):
-            assert tables["recorded"][name][k] == pytest.approx(tables["evaluated"][name][k], abs=1e-5), (name, k)
+        for k in (*TASKS, "overall"):  # 32 dev rows of a random tiny model: r amplifies the scores' 1e-6 differences
+            assert tables["recorded"][name][k] == pytest.approx(tables["evaluated"][name][k], abs=2e-4), (name, k)
     capsys.readouterr()
     # another dev set, the test split, and scores of another step than the kept best params: refused, naming the run
     assert main(["ensemble", str(sp), *data, "--limit", "5", "--recorded-scores"]) == 2
