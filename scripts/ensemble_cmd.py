@@ -76,7 +76,7 @@ def recorded_dev(runs: list[Path], limit: int | None) -> list[dict]:
     """Each run's dev metrics as its trainer recorded them for the params `load_params` loads: the last
     `metrics.jsonl` record marked best (the best checkpoint's evaluation). The run's dev set must be the one a
     soup evaluates on (`dev_limit` == `limit`)."""
-    from train.checkpoint import read_run_config
+    from train.checkpoint import METRICS, read_metrics, read_run_config
     from train.tasks import TASKS
 
     out = []
@@ -84,9 +84,8 @@ def recorded_dev(runs: list[Path], limit: int | None) -> list[dict]:
         cfg, _ = read_run_config(run)
         if cfg.data.dev_limit != limit:
             raise ValueError(f"{run}: recorded on dev_limit={cfg.data.dev_limit}, the soup scores on limit={limit}")
-        path = run / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        best = [r for r in records if r.get("best")]
+        path = run / METRICS
+        best = [r for r in read_metrics(path) if r.get("best")]
         if not best or not (run / "best").is_dir():
             raise ValueError(f"{path}: no recorded best-dev evaluation (train the run with dev evaluation, or drop "
                              f"--recorded-scores)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -50,15 +51,29 @@ def hardware() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
+DONE = "done.json"  # written last into RESULTS/runs/<experiment>/: the run is finished
+
+
+def done_file(results: Path, name: str) -> Path:
+    """RESULTS/runs/<name>/done.json: the marker (and record, `_record`) of a finished experiment."""
+    return results / "runs" / name / DONE
+
+
+def is_done(results: Path, name: str) -> bool:
+    return done_file(results, name).is_file()
+
+
 def _record(run: Path, metrics: dict[str, Any], wall_s: float, losses: list[tuple[int, float]]) -> dict[str, Any]:
     """done.json of a finished run: its final dev metrics (the report evaluates the final model), the wall time of
     its program (a population's is shared by its members), its dev learning curve (after each epoch) and its
     training loss every 20 steps."""
-    curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from train.checkpoint import METRICS, read_metrics
+
+    curve = read_metrics(run / METRICS)
     record = {k: metrics[k] for k in (*TASK_COLS, "cfimdb") if k in metrics} | {
         "wall_s": wall_s, "step": metrics["step"], "compile_s": metrics.get("compile_s"),
         "curve": [{k: r[k] for k in ("step", *TASK_COLS, "cfimdb") if k in r} for r in curve], "loss": losses}
-    (run / "done.json").write_text(json.dumps(record))
+    (run / DONE).write_text(json.dumps(record))
     return record
 
 
@@ -73,7 +88,7 @@ def run_group(results: Path, protocol: str, exps: list, data_dir, seed: int, che
     out: dict[str, dict[str, Any]] = {}
     todo = []
     for exp in exps:
-        done = results / "runs" / exp.name / "done.json"
+        done = done_file(results, exp.name)
         if done.is_file():
             log(f"[skip] {exp.name}: done")
             out[exp.name] = json.loads(done.read_text())
@@ -123,7 +138,7 @@ def run_ensembles(results: Path, data_dir: Path, dev_limit: int | None, log: Cal
 
     spec = Path(__file__).resolve().parents[1] / "ensembles" / "report.yaml"
     missing = [n for n in yaml.safe_load(spec.read_text())["members"].values()
-               if not (results / "runs" / n / "done.json").is_file()]
+               if not is_done(results, n)]
     if missing:
         log(f"[ensembles] skipped: member run(s) not done: {', '.join(missing)}")
         return {}
@@ -146,7 +161,7 @@ def run_soups(results: Path, data_dir: Path, dev_limit: int | None, log: Callabl
     from train.experiments import SOUP_MEMBERS
 
     common = ["--data-dir", str(data_dir), *(["--limit", str(dev_limit)] if dev_limit else [])]
-    members = [str(results / "runs" / n) for n in SOUP_MEMBERS if (results / "runs" / n / "done.json").is_file()]
+    members = [str(results / "runs" / n) for n in SOUP_MEMBERS if is_done(results, n)]
     out = {}
     # greedy: ingredients ranked by the dev scores their runs recorded (the same dev sets), not evaluated again
     for kind, flags in (("uniform", []), ("greedy", ["--greedy", "--recorded-scores"])):
@@ -220,7 +235,7 @@ def parallel_jobs(results: Path, configs: dict[str, dict[str, Any]], workers: in
 
     jobs = []
     for g in split_groups(population_groups(configs), workers):
-        todo = tuple(n for n in g if not (results / "runs" / n / "done.json").is_file())
+        todo = tuple(n for n in g if not is_done(results, n))
         if todo:
             jobs.append(Job(todo, sum(job_cost(configs[n]) for n in todo)))
     if torch and "sum" in configs and not (results / "torch-sum.json").is_file():
@@ -248,7 +263,7 @@ def run_parallel(jobs: list[Job], child_args: list[str], results: Path, workers:
     cores = sorted(os.sched_getaffinity(0))
     free = [cores[i % len(cores)] for i in range(workers)]
     queue, running, failed = list(jobs), {}, []
-    done = lambda name: (results / "runs" / name / "done.json").is_file()
+    done = functools.partial(is_done, results)
     try:
         while queue or running:
             while free and (job := next_job(queue, done)) is not None:
@@ -530,7 +545,7 @@ def _experiments(args: argparse.Namespace) -> int:
     runs: dict[str, dict] = {}
     if args.report:  # train nothing: the runs already done
         only = None
-        chosen = [e for e in EXPERIMENTS if (results / "runs" / e.name / "done.json").is_file()]
+        chosen = [e for e in EXPERIMENTS if is_done(results, e.name)]
     else:
         chosen = [e for e in EXPERIMENTS if not only or e.name in only]
     by_name = {e.name: e for e in chosen}

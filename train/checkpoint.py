@@ -343,6 +343,29 @@ class Checkpointer:
 
 
 DEV_SCORES = "dev_scores.npz"
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The evaluation records of a `metrics.jsonl` (`RUN / METRICS`), in order; [] when the file is absent. A line
+    that is not a JSON object (the torn last line of a kill mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def append_metrics(run: Path, record: dict[str, Any]) -> None:
+    """Append one evaluation record to RUN/metrics.jsonl."""
+    with open(run / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from bert_jax import BertConfig
 from bert_jax.tokenizer import tokenizer_files
 from train import combine as combine_methods
 from train import data as D
-from train.checkpoint import Checkpointer, DevScores, RunError, has_steps, write_run_files
+from train.checkpoint import METRICS, Checkpointer, DevScores, RunError, append_metrics, has_steps, write_run_files
 from train.compilation import CompileEvents, frozen_heap
 from train.config import TrainConfig, canonical_key
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite
@@ -274,8 +273,7 @@ class _Member:
             self.ckpt.save_best(step, params, metrics, scores)
         self.metrics = metrics
         rec = {"step": step, "epoch": epoch, **metrics, "best": is_best, **extra}
-        with open(self.run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_metrics(self.run, rec)
         return rec
 
 
@@ -355,7 +353,7 @@ def _loop(cfgs, members: list[_Member], states, data, spec, total: int, per_epoc
     pending_eval = False
     for m in members:
         write_run_files(m.run, m.cfg, spec, vocab)
-        last = _rewind_metrics(m.run / "metrics.jsonl", start)
+        last = _rewind_metrics(m.run / METRICS, start)
         m.best = recorded_best(m.best, last, start)
         pending_eval |= eval_pending(last, start, per_epoch, total, cfgs[0].eval_every)
     hooks = [TensorBoard(m.run, member=k) for k, m in enumerate(members)] if tensorboard else []

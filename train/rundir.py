@@ -30,12 +30,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from train.checkpoint import DEV_SCORES, RunError
+from train.checkpoint import DEV_SCORES, METRICS, RunError
 
 LOCK_NAME = ".lock"
 # Everything bert-jax train writes into a run directory (and so may delete with --overwrite).
 OWN_NAMES = ("config.yaml", "bert_config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-             "tokenizer.json", "added_tokens.json", "metrics.jsonl", "metrics.jsonl.tmp", DEV_SCORES, "checkpoints", "best",
+             "tokenizer.json", "added_tokens.json", METRICS, METRICS + ".tmp", DEV_SCORES, "checkpoints", "best",
              "tensorboard")
 _MARKERS = ("config.yaml", "bert_config.json")
 

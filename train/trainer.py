@@ -50,7 +50,8 @@ from bert_jax import Params
 from bert_jax.tokenizer import tokenizer_files
 from train import data as D
 from train.compilation import CompileEvents, StoredProgram, frozen_heap
-from train.checkpoint import Checkpointer, DevScores, RunError, has_steps, read_run_config, write_run_files
+from train.checkpoint import (METRICS, Checkpointer, DevScores, RunError, append_metrics, has_steps, read_metrics,
+                              read_run_config, write_run_files)
 from train.rundir import RunLock, check_out_dir, check_tokenizer, clear_run, data_fingerprint
 from train.config import TrainConfig
 from train.loop import Loop, StepInfo, StepMetrics, StepRate, data_position, eval_due, first_non_finite, watched
@@ -103,14 +104,7 @@ def _rewind_metrics(path: Path, step: int, write: bool = True) -> dict[str, Any]
     `write=False` (not the main process) only reads."""
     if not path.exists():
         return {}
-    kept: list[dict[str, Any]] = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept.append(rec)
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
     if not write:
         return kept[-1] if kept else {}
     tmp = path.with_name(path.name + ".tmp")
@@ -417,8 +411,7 @@ class _EpochEnd:
         record = {"step": info.step, "epoch": info.epoch, **self.metrics, "best": is_best,
                   "wall_s": round(time.perf_counter() - self.t_start, 1), **compile_record(self.compiles)}
         if is_main_process():  # multi-host: one writer
-            with open(self.run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.run, record)
         self.log({"event": "eval", **record})
 
 
@@ -457,7 +450,7 @@ def _train_run(cfg: TrainConfig, data_dir: str | Path | None, run: Path, resume:
     data, ckpt, start_step = start.data, start.ckpt, int(start.state.step)
     # only now that the resume is known to be valid: a refused --resume leaves the run untouched
     write_run_files(run, cfg, start.spec, bert_jax.resolve_checkpoint(cfg.checkpoint) / "vocab.txt")
-    last_record = _rewind_metrics(run / "metrics.jsonl", start_step, write=is_main_process())
+    last_record = _rewind_metrics(run / METRICS, start_step, write=is_main_process())
     hooks = [TensorBoard(run)] if tensorboard else []
     log = event_hooks(log, hooks)
     step_fn = make_train_step(start.spec, start.tx, cfg.tasks, cfg.combine, cfg.pcgrad_reduction, cfg.finetune, dp=dp,
