@@ -63,6 +63,14 @@ def is_done(results: Path, name: str) -> bool:
     return done_file(results, name).is_file()
 
 
+# the study's soups, each a run directory RESULTS/runs/soup-<kind>/ whose soup.json is written last
+SOUPS = {"uniform": [], "greedy": ["--greedy", "--recorded-scores"]}  # kind: `soup` command flags
+
+
+def soup_file(results: Path, kind: str) -> Path:
+    return results / "runs" / f"soup-{kind}" / "soup.json"
+
+
 def _record(run: Path, metrics: dict[str, Any], wall_s: float, losses: list[tuple[int, float]]) -> dict[str, Any]:
     """done.json of a finished run: its final dev metrics (the report evaluates the final model), the wall time of
     its program (a population's is shared by its members), its dev learning curve (after each epoch) and its
@@ -164,14 +172,15 @@ def run_soups(results: Path, data_dir: Path, dev_limit: int | None, log: Callabl
     members = [str(results / "runs" / n) for n in SOUP_MEMBERS if is_done(results, n)]
     out = {}
     # greedy: ingredients ranked by the dev scores their runs recorded (the same dev sets), not evaluated again
-    for kind, flags in (("uniform", []), ("greedy", ["--greedy", "--recorded-scores"])):
-        run = results / "runs" / f"soup-{kind}"
-        if not (run / "soup.json").is_file():
+    for kind, flags in SOUPS.items():
+        done = soup_file(results, kind)
+        run = done.parent
+        if not done.is_file():
             shutil.rmtree(run, ignore_errors=True)  # an interrupted soup is redone
             log(f"[soup] {kind} over {len(members)} runs")
             if cli(["soup", *members, "--out", str(run), *flags, *common]):
                 raise RuntimeError(f"{kind} soup failed")
-        out[f"soup-{kind}"] = json.loads((run / "soup.json").read_text())["dev"]
+        out[f"soup-{kind}"] = json.loads(done.read_text())["dev"]
     return out
 
 
@@ -241,7 +250,7 @@ def parallel_jobs(results: Path, configs: dict[str, dict[str, Any]], workers: in
     if torch and "sum" in configs and not (results / "torch-sum.json").is_file():
         jobs.append(Job((TORCH_JOB,), 1.8 * job_cost(configs["sum"])))  # measured: torch's step ~1.8x JAX's bf16
     if soups and all(n in configs for n in SOUP_MEMBERS) and not all(
-            (results / "runs" / f"soup-{k}" / "soup.json").is_file() for k in ("uniform", "greedy")):
+            soup_file(results, k).is_file() for k in SOUPS):
         # measured (model 207): both soups ~5 min on one core, about one 600-step summed-loss run
         jobs.append(Job((SOUPS_JOB,), job_cost(configs["sum"]), after=SOUP_MEMBERS))
     return sorted(jobs, key=lambda j: -j.cost)

@@ -24,7 +24,8 @@ class ModelConfig:
     hidden_dropout: float = 0.3
     attention_dropout: float | None = None  # None: the checkpoint's value
     # compute dtype: "float32", "bfloat16", "float16", or "auto" (`bert_jax.matmul.auto_dtype`: bf16 on GPUs, TPUs
-    # and CPUs with bf16 dot instructions (avx512_bf16, AMX), else fp32); a run resolves "auto" before it writes config.yaml (`TrainConfig.resolve_dtype`)
+    # and CPUs with bf16 dot instructions (avx512_bf16, AMX), else fp32); a run resolves "auto" before it writes
+    # config.yaml (`TrainConfig.resolve_dtype`)
     dtype: str = "float32"
     attention_impl: str = "xla"  # "xla" | "cudnn" (no attention dropout, bf16 / fp16 only)
     remat: bool = False

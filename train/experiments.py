@@ -13,8 +13,8 @@ An experiment is a run name + `TrainConfig` overrides on top of its protocol's b
   the model), mean pooling instead of the [CLS] pooler (all-MiniLM-L6-v2 was trained as a mean-pooled
   sentence encoder: measured on this CPU, 150 summed-loss steps reach SST 0.443 / para 0.680 with mean
   pooling, while the [CLS] pooler still predicts the majority class of SST and Quora after 500 steps),
-  the full dev sets, and `dtype=auto` (bf16 matmuls where the CPU has bf16 dot instructions). Everything else (batch size, dropout, losses, heads, optimizer, task
-  sampling) is the report's.
+  the full dev sets, and `dtype=auto` (bf16 matmuls where the CPU has bf16 dot instructions). Everything else
+  (batch size, dropout, losses, heads, optimizer, task sampling) is the report's.
 
 Runs whose configs differ only in `train.population.MEMBER_FIELDS` (learning rate, dropout, seed, sum vs
 mean) train together as one population (`population_groups`); the others (PCGrad, cosine heads,
@@ -39,8 +39,8 @@ CPU_LENGTH_WINDOW = 32
 # the dev sets padded to these lengths (length-sorted batches): a full-dev evaluation ~1.7x faster than all at 32
 CPU_EVAL_BUCKETS = [8, 16, 24, 32]
 BASE_LR = 1e-5
-# bf16 matmuls on CPUs with avx512_bf16 or AMX (and on accelerators), fp32 elsewhere (`bert_jax.matmul.auto_dtype`): measured on the
-# 2-core Intel family 6 model 207, the study's step (batch 8, seq 24) takes 0.75x its fp32 time
+# bf16 matmuls on CPUs with avx512_bf16 or AMX (and on accelerators), fp32 elsewhere (`bert_jax.matmul.auto_dtype`):
+# measured on the 2-core Intel family 6 model 207, the study's step (batch 8, seq 24) takes 0.75x its fp32 time
 CPU_DTYPE = "auto"
 
 
