@@ -240,16 +240,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import bert_jax
-    from train.data import resolve_data_dir
+    from train import data as D
+    from train.tasks import get_task
     from train.trainer import check_token_ids, evaluate, load_encoded, scored_tasks
 
+    if bool(args.input) != bool(args.task):
+        raise UserError("--input FILE and --task TASK go together (a labelled file of that task's format)")
     cfg, spec, params, eval_fn = _load_run_for_eval(args.run, args)
+    if args.task and args.task not in scored_tasks(cfg.heads.heads):
+        raise UserError(f"{args.run} has no {args.task!r} head (its tasks: {', '.join(scored_tasks(cfg.heads.heads))})")
     tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
-    encs, raw = load_encoded(resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok, cfg.data.max_len,
-                             cross=cfg.heads.cross_tasks)
+    where: dict = {"split": args.split}
+    if args.input:  # a labelled file outside the data directory (e.g. held-out pairs): rows with a bad label are skipped
+        td = D.load_task(None, args.task, "dev", path=args.input)
+        if td.labels is None:
+            raise UserError(f"{args.input}: no label column {get_task(args.task).label_column!r} in the header, so "
+                            f"nothing to score; `bert-jax predict --task {args.task} --input FILE` writes predictions")
+        if td.skipped:
+            print(D.summarize_skipped([td]), file=sys.stderr)
+        if len(td) == 0:
+            raise UserError(f"{args.input}: no usable row ({len(td.skipped)} skipped)")
+        encs = {args.task: D.encode_task(td, tok, cfg.data.max_len, cross=args.task in cfg.heads.cross_tasks)}
+        where = {"input": args.input, "task": args.task, "rows": len(td), "skipped_rows": len(td.skipped)}
+    else:
+        encs, _ = load_encoded(D.resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok,
+                               cfg.data.max_len, cross=cfg.heads.cross_tasks)
     check_token_ids(encs, spec.bert.vocab_size, Path(args.run) / "vocab.txt", Path(args.run) / "bert_config.json")
     metrics, _ = evaluate(eval_fn, params, encs, cfg.data.eval_batch_size, cfg.data.scoring_buckets)
-    print(json_line({"run": args.run, "split": args.split, **metrics}))
+    print(json_line({"run": args.run, **where, **metrics}))
     return 0
 
 
@@ -343,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="dev", choices=["train", "dev"])
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--task", choices=list(TASKS), default=None, help="with --input: the task of FILE")
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help="score this labelled file (of --task's format, e.g. held-out Quora pairs) instead of the split")
     add_mesh_args(p)
     p.set_defaults(func=_evaluate)
 

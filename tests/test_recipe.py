@@ -66,6 +66,25 @@ def test_recipe_trains_evaluates_and_predicts(recipe_run, tiny_data_dir, tmp_pat
         n_rows = sum(1 for _ in csv.reader(f, delimiter="\t")) - 1
     assert len(lines) == 1 + n_rows and all(line.split(" , ")[1].strip() in ("0", "1") for line in lines[1:])
 
+    # `evaluate --input`: the held-out file's accuracy, a row with a bad label skipped and counted; the reference is
+    # the accuracy of predict's leaderboard lines against the file's labels (csv module)
+    with open(src, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    label = rows[0].index("is_duplicate")
+    rows[2][label] = "maybe"
+    held = tmp_path / "held-out.tsv"
+    held.write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    predicted = {i.strip(): int(v) for i, v in (line.split(" , ") for line in lines[1:])}
+    truth = {r[rows[0].index("id")]: int(float(r[label])) for r in rows[1:] if r[label] != "maybe"}
+    assert cli_main(["evaluate", str(run), "--task", "para", "--input", str(held)]) == 0
+    out, err = capsys.readouterr()
+    scored = json.loads(out.strip().splitlines()[-1])
+    assert scored["rows"] == n_rows - 1 and scored["skipped_rows"] == 1 and "line 3" in err
+    assert scored["para"] == pytest.approx(np.mean([predicted[i] == y for i, y in truth.items()]))
+    held.write_text("\n".join("\t".join(r[:label]) for r in rows) + "\n")  # no label column: a clear error
+    assert cli_main(["evaluate", str(run), "--task", "para", "--input", str(held)]) == 2
+    assert "no label column 'is_duplicate'" in capsys.readouterr().err
+
 
 def test_torch_baseline_trains_the_recipe_on_the_same_batches(recipe_run, tiny_data_dir, tmp_path, capsys):
     _, args = recipe_run
