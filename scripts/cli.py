@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a run on a split, as JSON")
+    p = sub.add_parser("evaluate", help="metrics of a run on a split (or a labelled --input file), as JSON")
     p.add_argument("run")
     p.add_argument("--split", default="dev", choices=["train", "dev"])
     p.add_argument("--data-dir", default=None)

@@ -84,6 +84,8 @@ def test_recipe_trains_evaluates_and_predicts(recipe_run, tiny_data_dir, tmp_pat
     held.write_text("\n".join("\t".join(r[:label]) for r in rows) + "\n")  # no label column: a clear error
     assert cli_main(["evaluate", str(run), "--task", "para", "--input", str(held)]) == 2
     assert "no label column 'is_duplicate'" in capsys.readouterr().err
+    assert cli_main(["evaluate", str(run), "--input", str(held)]) == 2  # which task's format: --task is required
+    assert "--input FILE and --task TASK go together" in capsys.readouterr().err
 
 
 def test_torch_baseline_trains_the_recipe_on_the_same_batches(recipe_run, tiny_data_dir, tmp_path, capsys):
