@@ -16,14 +16,15 @@ transformers, and no pretrained weights (random-init BERTs are written to a temp
    PyTorch bf16 + SDPA;
 3. the MFU of the bf16 JAX step: model FLOPs (6 x non-embedding params x tokens + attention) per second over
    the GPU's dense bf16 peak (from its device kind, or `--peak-tflops`);
-4. the population step (train/population.py): K = 4 members (different seeds) at bert-base shapes, batch 8
-   per task, fp32, vmapped (`impl="vmap"`) vs the 4 single-run steps (one shared program) one after another,
-   interleaved.
+4. the population step (train/population.py) of the reproduction study: K = 6 members (different seeds) of the
+   study's model shape (all-MiniLM-L6-v2's: 6 layers, hidden 384; random init), batch 8 per task, 32 tokens (the
+   study's `cpu` protocol), fp32, vmapped (`impl="vmap"`) vs the 6 single-run steps (one shared program) one after
+   another, interleaved. (Until 2026-11-29 this part ran 4 members at bert-base shapes: 0.41 on the H200.)
 
 Each part fails on its own (its error recorded, the rest still run, exit status 1).
 
 `--dry` runs the same code on tiny shapes on whatever device JAX has (the CPU in the test suite): its compiles
-dominate (~20 s each on 2 CPU cores; a 2-member population instead of 4), about two minutes in all.
+dominate (~20 s each on 2 CPU cores; a 2-member population of the tiny model instead of 6 of the study's), about two minutes in all.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+STUDY = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)  # all-MiniLM-L6-v2's
 
 
 def _save_random_bert(out: Path, vocab_size: int, seed: int, **sizes: int) -> Path:
@@ -149,22 +151,23 @@ class _StepPart:
 
 
 class _PopulationPart:
-    """K members as one vmapped fp32 step vs the K single-run steps one after another, interleaved."""
+    """K members as one vmapped fp32 step vs the K single-run steps one after another, interleaved, at the study's
+    shapes: `ckpt` a random BERT of `STUDY` sizes (`s.ckpt`, the tiny one, in the dry mode)."""
 
-    def __init__(self, s: _Setup):
+    def __init__(self, s: _Setup, ckpt: Path):
         from scripts.bench_cmd import JaxArm, PopulationArm, synthetic_batches
         from train.config import TrainConfig
         from train.population import member_configs
 
         self.s = s
-        self.k, self.pb = (2, 2) if s.dry else (4, 8)  # dry: 2 members (the vmapped program compiles slower with K on a CPU)
-        base = TrainConfig.from_dict(dict(checkpoint=str(s.ckpt), heads=s.heads, batch_size=self.pb, max_len=s.seq,
-                                          buckets=(s.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
-        # K seeds (the study's noise band): the single runs then share one compiled step. On the H200 each
-        # bert-base step took 56-103 s to compile (200-240 s with Triton GEMMs), so K separate programs cost minutes.
+        # dry: 2 members (the vmapped program compiles slower with K on a CPU); else issue 12's bench, K = 6
+        self.k, self.pb, self.seq = (2, 2, s.seq) if s.dry else (6, 8, 32)
+        base = TrainConfig.from_dict(dict(checkpoint=str(ckpt), heads=s.heads, batch_size=self.pb, max_len=self.seq,
+                                          buckets=(self.seq,), hidden_dropout=0.1, lr=1e-5, scan_layers=s.scan_layers))
+        # K seeds (the study's noise band): the single runs then share one compiled step
         cfgs = member_configs(base, [{"seed": i} for i in range(self.k)])
         self.pop, self.singles = PopulationArm(cfgs, "vmap"), [JaxArm(c, c.seed) for c in cfgs]
-        self.batches = synthetic_batches(self.singles[0].spec.bert.vocab_size, self.pb, s.seq, 0,
+        self.batches = synthetic_batches(self.singles[0].spec.bert.vocab_size, self.pb, self.seq, 0,
                                          cross=s.heads.cross_tasks)
         self.compile_s: float | None = None
 
@@ -186,7 +189,7 @@ class _PopulationPart:
         t = interleave({"a": lambda: pop(batches), "b": lambda: [arm(batches) for arm in singles]}, self.s.reps)
         a, b = stats(t.wall["a"])["median_s"], stats(t.wall["b"])["median_s"]
         compile_s = self.compile_s if self.compile_s is not None else pop.events.summary()["total_s"]
-        return {"k": self.k, "batch": self.pb, "seq": self.s.seq, "population_s": a, "singles_s": b,
+        return {"k": self.k, "batch": self.pb, "seq": self.seq, "population_s": a, "singles_s": b,
                 "population_over_singles": a / b, "population_compile_s": compile_s, "impl": "vmap", "dtype": "float32"}
 
 
@@ -268,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "step_bf16": lambda: _StepPart(setup, "bfloat16", "xla", torch.bfloat16, "eager")}
         if dev.platform == "gpu":
             builders["step_bf16_cudnn"] = lambda: _StepPart(setup, "bfloat16", "cudnn", torch.bfloat16, "sdpa")
-        builders["population_step"] = lambda: _PopulationPart(setup)
+        builders["population_step"] = lambda: _PopulationPart(
+            setup, ckpt if args.dry else _save_random_bert(Path(tmp) / "study", 30522, 2, **STUDY))
         # build every part (models, optimizer states, batches), compile all their programs at once, then time the
         # parts one after another: the timings never overlap a compile
         parts: dict[str, Any] = {}
