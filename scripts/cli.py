@@ -252,15 +252,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     tok = bert_jax.load_tokenizer(args.run)  # the run's own tokenizer files: the casing it trained with
     where: dict = {"split": args.split}
     if args.input:  # a labelled file outside the data directory (e.g. held-out pairs): rows with a bad label are skipped
-        td = D.load_task(None, args.task, "dev", path=args.input)
+        encs, (td,) = load_encoded(None, (args.task,), "dev", tok, cfg.data.max_len, cross=cfg.heads.cross_tasks,
+                                   path=args.input)
         if td.labels is None:
             raise UserError(f"{args.input}: no label column {get_task(args.task).label_column!r} in the header, so "
                             f"nothing to score; `bert-jax predict --task {args.task} --input FILE` writes predictions")
         if td.skipped:
             print(D.summarize_skipped([td]), file=sys.stderr)
-        if len(td) == 0:
-            raise UserError(f"{args.input}: no usable row ({len(td.skipped)} skipped)")
-        encs = {args.task: D.encode_task(td, tok, cfg.data.max_len, cross=args.task in cfg.heads.cross_tasks)}
         where = {"input": args.input, "task": args.task, "rows": len(td), "skipped_rows": len(td.skipped)}
     else:
         encs, _ = load_encoded(D.resolve_data_dir(args.data_dir), scored_tasks(cfg.heads.heads), args.split, tok,

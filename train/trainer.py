@@ -115,13 +115,15 @@ def _rewind_metrics(path: Path, step: int, write: bool = True) -> dict[str, Any]
 
 
 
-def load_encoded(data_dir: Path, tasks: tuple[str, ...], split: str, tokenizer, max_len: int,
-                 limit: int | None = None, cross: tuple[str, ...] = ()) -> tuple[dict[str, D.Encoded], list[D.TaskData]]:
+def load_encoded(data_dir: Path | None, tasks: tuple[str, ...], split: str, tokenizer, max_len: int,
+                 limit: int | None = None, cross: tuple[str, ...] = (), path: str | Path | None = None
+                 ) -> tuple[dict[str, D.Encoded], list[D.TaskData]]:
     """Load + tokenize `split` of each task (first `limit` examples when given); the pair tasks in `cross`
-    (`HeadConfig.cross_tasks`) as cross-encoded sequences."""
+    (`HeadConfig.cross_tasks`) as cross-encoded sequences. `path`: read this file instead (one task's format, e.g.
+    `evaluate --input`)."""
     out, raw = {}, []
     for t in tasks:
-        td = D.load_task(data_dir, t, split)
+        td = D.load_task(data_dir, t, split, path=path)
         if len(td) == 0:  # checked before any step: a task without data fails now, naming its file
             why = (f"all {len(td.skipped)} data rows are malformed, e.g. line {td.skipped[0].line}: {td.skipped[0].reason}"
                    if td.skipped else "nothing after the header row")
